@@ -1,0 +1,18 @@
+//! Generated types for the proxy ⇄ management protocol.
+//!
+//! This crate compiles `proto/proxy_service.proto` (package `management`,
+//! service `ProxyService`) into prost messages plus a tonic client and server.
+//! The protocol is wire-compatible with NetBird's proxy protocol, so a
+//! Portcullis proxy can register with a NetBird management and a NetBird proxy
+//! with a Portcullis management.
+//!
+//! Extensions of ours never change or reuse an existing field number: they use
+//! field numbers ≥ 100 or live in a separate service.
+
+/// Code generated from `proto/proxy_service.proto`.
+#[allow(clippy::all, clippy::pedantic)]
+pub mod management {
+    tonic::include_proto!("management");
+}
+
+pub use management::*;

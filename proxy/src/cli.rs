@@ -1,0 +1,298 @@
+//! The `portcullis` command line. Every proxy setting is also an environment variable with
+//! NetBird's name, so a NetBird proxy's env file works unchanged.
+
+use std::path::PathBuf;
+
+use clap::{ArgAction, Args, Parser, Subcommand};
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "portcullis",
+    version,
+    about = "A reverse proxy that publishes services living inside a WireGuard mesh",
+    long_about = "Portcullis terminates TLS, routes HTTP by host and path prefix and forwards \
+                  to targets. Run `portcullis up` to try it on one machine, or \
+                  `portcullis proxy` to run a proxy. Every flag of `portcullis proxy` can also be \
+                  set by the NB_PROXY_* environment variable shown beside it."
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run a proxy: serves the services of a mappings file (and, later, of a management server).
+    Proxy(Box<ProxyArgs>),
+    /// Try Portcullis on this machine: a proxy with a self-signed certificate and a demo service.
+    Up(UpArgs),
+}
+
+/// `portcullis up`: a one-machine demo with no setup.
+#[derive(Debug, Args)]
+pub struct UpArgs {
+    /// Where the demo keeps its certificate and mappings file.
+    #[arg(long, env = "PORTCULLIS_DATA_DIR", default_value = "./portcullis-data")]
+    pub data_dir: PathBuf,
+    /// HTTPS port of the demo proxy (443 needs root or CAP_NET_BIND_SERVICE).
+    #[arg(long, default_value_t = 8443)]
+    pub https_port: u16,
+    /// Plain-HTTP port of the demo proxy (redirects to HTTPS).
+    #[arg(long, default_value_t = 8081)]
+    pub http_port: u16,
+    /// Health endpoint of the demo proxy.
+    #[arg(long, default_value = "127.0.0.1:8080")]
+    pub health_addr: String,
+}
+
+/// Settings of `portcullis proxy`. Names, flags and defaults follow NetBird's proxy.
+#[derive(Debug, Args, Clone)]
+pub struct ProxyArgs {
+    /// Management server URL (https:// uses TLS, http:// needs NB_PROXY_ALLOW_INSECURE).
+    #[arg(
+        long = "mgmt",
+        env = "NB_PROXY_MANAGEMENT_ADDRESS",
+        default_value = "https://api.netbird.io:443"
+    )]
+    pub management_address: String,
+    /// Proxy token sent to management as `authorization: Bearer <token>`.
+    #[arg(long = "token", env = "NB_PROXY_TOKEN", hide_env_values = true)]
+    pub token: Option<String>,
+    /// Allow sending the token over plaintext http://.
+    #[arg(long, env = "NB_PROXY_ALLOW_INSECURE", action = ArgAction::Set, num_args = 0..=1, default_value_t = false, default_missing_value = "true")]
+    pub allow_insecure: bool,
+    /// Cluster address this proxy serves, e.g. proxy.example.com.
+    #[arg(long, env = "NB_PROXY_DOMAIN")]
+    pub domain: Option<String>,
+
+    /// HTTPS listen address (`:443` means every interface).
+    #[arg(long = "addr", env = "NB_PROXY_ADDRESS", default_value = ":443")]
+    pub https_address: String,
+    /// Plain-HTTP listen address; it answers with a redirect to HTTPS. `off` disables it.
+    #[arg(
+        long = "http-addr",
+        env = "NB_PROXY_HTTP_ADDRESS",
+        default_value = ":80"
+    )]
+    pub http_address: String,
+    /// Health probes address (/healthz, /livez, /readyz).
+    #[arg(
+        long = "health-addr",
+        env = "NB_PROXY_HEALTH_ADDRESS",
+        default_value = "localhost:8080"
+    )]
+    pub health_address: String,
+
+    /// Certificate directory: the default certificate plus `<name>.crt`/`<name>.key` pairs.
+    #[arg(
+        long = "cert-dir",
+        env = "NB_PROXY_CERTIFICATE_DIRECTORY",
+        default_value = "./certs"
+    )]
+    pub cert_dir: PathBuf,
+    /// File name of the default certificate inside the certificate directory.
+    #[arg(
+        long = "cert-file",
+        env = "NB_PROXY_CERTIFICATE_FILE",
+        default_value = "tls.crt"
+    )]
+    pub cert_file: String,
+    /// File name of the default certificate's key inside the certificate directory.
+    #[arg(
+        long = "cert-key-file",
+        env = "NB_PROXY_CERTIFICATE_KEY_FILE",
+        default_value = "tls.key"
+    )]
+    pub cert_key_file: String,
+    /// Directory of `<name>.crt`/`<name>.key` pairs whose SANs may be wildcards (*.example.com).
+    #[arg(long = "wildcard-cert-dir", env = "NB_PROXY_WILDCARD_CERT_DIR")]
+    pub wildcard_cert_dir: Option<PathBuf>,
+
+    /// TOML file of services served without a management server; reloaded when it changes.
+    #[arg(long = "mappings", env = "NB_PROXY_MAPPINGS_FILE")]
+    pub mappings_file: Option<PathBuf>,
+
+    /// Number of data-plane worker threads (0 = one per core).
+    #[arg(long, env = "NB_PROXY_WORKERS", default_value_t = 0)]
+    pub workers: usize,
+    /// I/O driver of the workers: auto (io_uring, else epoll), io-uring, legacy (epoll).
+    #[arg(long = "io-driver", env = "NB_PROXY_IO_DRIVER", default_value = "auto")]
+    pub io_driver: String,
+    /// Most client connections open at once (0 = derived from the open-file limit).
+    #[arg(
+        long = "max-connections",
+        env = "NB_PROXY_MAX_CONNECTIONS",
+        default_value_t = 0
+    )]
+    pub max_connections: usize,
+    /// Time a client has to complete the TLS handshake and send a request head.
+    #[arg(
+        long = "header-timeout",
+        env = "NB_PROXY_HEADER_TIMEOUT",
+        default_value = "10s"
+    )]
+    pub header_timeout: String,
+    /// Time an idle keep-alive client connection is kept open, and a stalled transfer waited for.
+    #[arg(
+        long = "idle-timeout",
+        env = "NB_PROXY_IDLE_TIMEOUT",
+        default_value = "60s"
+    )]
+    pub idle_timeout: String,
+    /// Time to wait for a target's response head when the service sets no request_timeout.
+    #[arg(
+        long = "upstream-timeout",
+        env = "NB_PROXY_UPSTREAM_TIMEOUT",
+        default_value = "60s"
+    )]
+    pub upstream_timeout: String,
+    /// Cap on a service's backend dial timeout (0 = no cap; the dial timeout itself is 10s).
+    #[arg(
+        long = "max-dial-timeout",
+        env = "NB_PROXY_MAX_DIAL_TIMEOUT",
+        default_value = "0"
+    )]
+    pub max_dial_timeout: String,
+    /// On SIGTERM, how long in-flight requests may take before the process exits anyway.
+    #[arg(
+        long = "shutdown-timeout",
+        env = "NB_PROXY_SHUTDOWN_TIMEOUT",
+        default_value = "30s"
+    )]
+    pub shutdown_timeout: String,
+    /// How often certificate and mappings files are checked for changes.
+    #[arg(
+        long = "reload-interval",
+        env = "NB_PROXY_RELOAD_INTERVAL",
+        default_value = "1s"
+    )]
+    pub reload_interval: String,
+    /// X-Forwarded-Proto sent to targets: auto (the client's scheme), http or https.
+    #[arg(
+        long = "forwarded-proto",
+        env = "NB_PROXY_FORWARDED_PROTO",
+        default_value = "auto"
+    )]
+    pub forwarded_proto: String,
+    /// Comma-separated CIDRs whose X-Forwarded-For header is believed and extended.
+    #[arg(
+        long = "trusted-proxies",
+        env = "NB_PROXY_TRUSTED_PROXIES",
+        value_delimiter = ','
+    )]
+    pub trusted_proxies: Vec<String>,
+
+    /// Log level: error, warn, info, debug, trace.
+    #[arg(long = "log-level", env = "NB_PROXY_LOG_LEVEL", default_value = "info")]
+    pub log_level: String,
+    /// Log format: text or json.
+    #[arg(long = "log-format", env = "NB_LOG_FORMAT", default_value = "text")]
+    pub log_format: String,
+
+    #[command(flatten)]
+    pub not_yet: NotYetSupported,
+}
+
+/// NetBird settings accepted so that existing env files work, but not acted on yet.
+/// Each one that is set is named once in the log at start.
+#[derive(Debug, Args, Clone, Default)]
+#[command(next_help_heading = "Accepted for NetBird compatibility, not acted on yet")]
+pub struct NotYetSupported {
+    #[arg(long = "acme-certs", env = "NB_PROXY_ACME_CERTIFICATES")]
+    pub acme_certificates: Option<String>,
+    #[arg(long = "acme-addr", env = "NB_PROXY_ACME_ADDRESS")]
+    pub acme_address: Option<String>,
+    #[arg(long = "acme-dir", env = "NB_PROXY_ACME_DIRECTORY")]
+    pub acme_directory: Option<String>,
+    #[arg(
+        long = "acme-eab-kid",
+        env = "NB_PROXY_ACME_EAB_KID",
+        hide_env_values = true
+    )]
+    pub acme_eab_kid: Option<String>,
+    #[arg(
+        long = "acme-eab-hmac-key",
+        env = "NB_PROXY_ACME_EAB_HMAC_KEY",
+        hide_env_values = true
+    )]
+    pub acme_eab_hmac_key: Option<String>,
+    #[arg(long = "acme-challenge-type", env = "NB_PROXY_ACME_CHALLENGE_TYPE")]
+    pub acme_challenge_type: Option<String>,
+    #[arg(long = "cert-lock-method", env = "NB_PROXY_CERT_LOCK_METHOD")]
+    pub cert_lock_method: Option<String>,
+    #[arg(long = "proxy-protocol", env = "NB_PROXY_PROXY_PROTOCOL")]
+    pub proxy_protocol: Option<String>,
+    #[arg(long = "wg-port", env = "NB_PROXY_WG_PORT")]
+    pub wg_port: Option<String>,
+    #[arg(
+        long = "preshared-key",
+        env = "NB_PROXY_PRESHARED_KEY",
+        hide_env_values = true
+    )]
+    pub preshared_key: Option<String>,
+    #[arg(long = "supports-custom-ports", env = "NB_PROXY_SUPPORTS_CUSTOM_PORTS")]
+    pub supports_custom_ports: Option<String>,
+    #[arg(long = "require-subdomain", env = "NB_PROXY_REQUIRE_SUBDOMAIN")]
+    pub require_subdomain: Option<String>,
+    #[arg(long = "private", env = "NB_PROXY_PRIVATE")]
+    pub private: Option<String>,
+    #[arg(
+        long = "max-session-idle-timeout",
+        env = "NB_PROXY_MAX_SESSION_IDLE_TIMEOUT"
+    )]
+    pub max_session_idle_timeout: Option<String>,
+    #[arg(long = "geo-data-dir", env = "NB_PROXY_GEO_DATA_DIR")]
+    pub geo_data_dir: Option<String>,
+    #[arg(long = "crowdsec-api-url", env = "NB_PROXY_CROWDSEC_API_URL")]
+    pub crowdsec_api_url: Option<String>,
+    #[arg(
+        long = "crowdsec-api-key",
+        env = "NB_PROXY_CROWDSEC_API_KEY",
+        hide_env_values = true
+    )]
+    pub crowdsec_api_key: Option<String>,
+    #[arg(long = "debug-endpoint", env = "NB_PROXY_DEBUG_ENDPOINT")]
+    pub debug_endpoint: Option<String>,
+    #[arg(long = "debug-endpoint-addr", env = "NB_PROXY_DEBUG_ENDPOINT_ADDRESS")]
+    pub debug_endpoint_address: Option<String>,
+}
+
+impl NotYetSupported {
+    /// Names of the settings that were given a value.
+    pub fn set_names(&self) -> Vec<&'static str> {
+        let all: [(&'static str, &Option<String>); 19] = [
+            ("NB_PROXY_ACME_CERTIFICATES", &self.acme_certificates),
+            ("NB_PROXY_ACME_ADDRESS", &self.acme_address),
+            ("NB_PROXY_ACME_DIRECTORY", &self.acme_directory),
+            ("NB_PROXY_ACME_EAB_KID", &self.acme_eab_kid),
+            ("NB_PROXY_ACME_EAB_HMAC_KEY", &self.acme_eab_hmac_key),
+            ("NB_PROXY_ACME_CHALLENGE_TYPE", &self.acme_challenge_type),
+            ("NB_PROXY_CERT_LOCK_METHOD", &self.cert_lock_method),
+            ("NB_PROXY_PROXY_PROTOCOL", &self.proxy_protocol),
+            ("NB_PROXY_WG_PORT", &self.wg_port),
+            ("NB_PROXY_PRESHARED_KEY", &self.preshared_key),
+            (
+                "NB_PROXY_SUPPORTS_CUSTOM_PORTS",
+                &self.supports_custom_ports,
+            ),
+            ("NB_PROXY_REQUIRE_SUBDOMAIN", &self.require_subdomain),
+            ("NB_PROXY_PRIVATE", &self.private),
+            (
+                "NB_PROXY_MAX_SESSION_IDLE_TIMEOUT",
+                &self.max_session_idle_timeout,
+            ),
+            ("NB_PROXY_GEO_DATA_DIR", &self.geo_data_dir),
+            ("NB_PROXY_CROWDSEC_API_URL", &self.crowdsec_api_url),
+            ("NB_PROXY_CROWDSEC_API_KEY", &self.crowdsec_api_key),
+            ("NB_PROXY_DEBUG_ENDPOINT", &self.debug_endpoint),
+            (
+                "NB_PROXY_DEBUG_ENDPOINT_ADDRESS",
+                &self.debug_endpoint_address,
+            ),
+        ];
+        all.iter()
+            .filter(|(_, v)| v.as_deref().is_some_and(|s| !s.is_empty()))
+            .map(|(k, _)| *k)
+            .collect()
+    }
+}

@@ -1,0 +1,276 @@
+//! Typed proxy configuration, parsed once from the command line and environment.
+//! Nothing deeper in the proxy reads the environment.
+
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, ToSocketAddrs};
+use std::path::PathBuf;
+use std::time::Duration;
+
+use ipnet::IpNet;
+
+use crate::cli::ProxyArgs;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error(
+        "{setting}: {value:?} is not a listen address (expected `:PORT`, `HOST:PORT` or `IP:PORT`)"
+    )]
+    BadAddress {
+        setting: &'static str,
+        value: String,
+    },
+    #[error("{setting}: {value:?} is not a duration (examples: 10s, 500ms, 2m): {reason}")]
+    BadDuration {
+        setting: &'static str,
+        value: String,
+        reason: String,
+    },
+    #[error("{setting}: {value:?} must be one of {allowed}")]
+    BadChoice {
+        setting: &'static str,
+        value: String,
+        allowed: &'static str,
+    },
+    #[error("NB_PROXY_TRUSTED_PROXIES: {value:?} is not a CIDR or IP address")]
+    BadCidr { value: String },
+}
+
+/// Which io driver the workers run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum IoDriverChoice {
+    Auto,
+    IoUring,
+    Legacy,
+}
+
+/// What the proxy sends as X-Forwarded-Proto.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ForwardedProto {
+    Auto,
+    Http,
+    Https,
+}
+
+#[derive(Debug, Clone)]
+pub struct ProxyConfig {
+    pub https_listen: SocketAddr,
+    pub http_listen: Option<SocketAddr>,
+    pub health_listen: String,
+    pub cert_dir: PathBuf,
+    pub cert_file: String,
+    pub cert_key_file: String,
+    pub wildcard_cert_dir: Option<PathBuf>,
+    pub mappings_file: Option<PathBuf>,
+    pub workers: usize,
+    pub io_driver: IoDriverChoice,
+    pub max_connections: usize,
+    pub limits: Limits,
+    pub reload_interval: Duration,
+    pub forwarded_proto: ForwardedProto,
+    pub trusted_proxies: Vec<IpNet>,
+}
+
+/// Timeouts and bounds of the data plane.
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    pub header_timeout: Duration,
+    pub idle_timeout: Duration,
+    pub upstream_timeout: Duration,
+    pub dial_timeout: Duration,
+    pub shutdown_timeout: Duration,
+}
+
+/// Dial timeout used when nothing caps it.
+pub const DEFAULT_DIAL_TIMEOUT: Duration = Duration::from_secs(10);
+
+impl ProxyConfig {
+    pub fn from_args(args: &ProxyArgs) -> Result<Self, ConfigError> {
+        let https_listen = parse_listen("NB_PROXY_ADDRESS", &args.https_address)?;
+        let http_listen = match args.http_address.trim() {
+            "" | "off" | "none" => None,
+            other => Some(parse_listen("NB_PROXY_HTTP_ADDRESS", other)?),
+        };
+        let max_dial = parse_duration("NB_PROXY_MAX_DIAL_TIMEOUT", &args.max_dial_timeout)?;
+        let dial_timeout = if max_dial.is_zero() {
+            DEFAULT_DIAL_TIMEOUT
+        } else {
+            DEFAULT_DIAL_TIMEOUT.min(max_dial)
+        };
+        let limits = Limits {
+            header_timeout: parse_positive("NB_PROXY_HEADER_TIMEOUT", &args.header_timeout)?,
+            idle_timeout: parse_positive("NB_PROXY_IDLE_TIMEOUT", &args.idle_timeout)?,
+            upstream_timeout: parse_positive("NB_PROXY_UPSTREAM_TIMEOUT", &args.upstream_timeout)?,
+            dial_timeout,
+            shutdown_timeout: parse_duration("NB_PROXY_SHUTDOWN_TIMEOUT", &args.shutdown_timeout)?,
+        };
+        let io_driver = match args.io_driver.as_str() {
+            "auto" => IoDriverChoice::Auto,
+            "io-uring" | "io_uring" | "iouring" => IoDriverChoice::IoUring,
+            "legacy" | "epoll" => IoDriverChoice::Legacy,
+            other => {
+                return Err(ConfigError::BadChoice {
+                    setting: "NB_PROXY_IO_DRIVER",
+                    value: other.to_string(),
+                    allowed: "auto, io-uring, legacy",
+                });
+            }
+        };
+        let forwarded_proto = match args.forwarded_proto.as_str() {
+            "auto" => ForwardedProto::Auto,
+            "http" => ForwardedProto::Http,
+            "https" => ForwardedProto::Https,
+            other => {
+                return Err(ConfigError::BadChoice {
+                    setting: "NB_PROXY_FORWARDED_PROTO",
+                    value: other.to_string(),
+                    allowed: "auto, http, https",
+                });
+            }
+        };
+        let trusted_proxies = args
+            .trusted_proxies
+            .iter()
+            .map(|s| s.trim())
+            .filter(|s| !s.is_empty())
+            .map(parse_cidr)
+            .collect::<Result<Vec<_>, _>>()?;
+        let workers = if args.workers == 0 {
+            std::thread::available_parallelism().map_or(1, |n| n.get())
+        } else {
+            args.workers
+        };
+        Ok(Self {
+            https_listen,
+            http_listen,
+            health_listen: args.health_address.clone(),
+            cert_dir: args.cert_dir.clone(),
+            cert_file: args.cert_file.clone(),
+            cert_key_file: args.cert_key_file.clone(),
+            wildcard_cert_dir: args.wildcard_cert_dir.clone(),
+            mappings_file: args.mappings_file.clone(),
+            workers,
+            io_driver,
+            max_connections: args.max_connections,
+            limits,
+            reload_interval: parse_positive("NB_PROXY_RELOAD_INTERVAL", &args.reload_interval)?,
+            forwarded_proto,
+            trusted_proxies,
+        })
+    }
+}
+
+/// `:443` means every interface (IPv6 socket that also accepts IPv4); `host:port` is resolved once.
+pub fn parse_listen(setting: &'static str, value: &str) -> Result<SocketAddr, ConfigError> {
+    let bad = || ConfigError::BadAddress {
+        setting,
+        value: value.to_string(),
+    };
+    if let Some(port) = value.strip_prefix(':') {
+        let port: u16 = port.parse().map_err(|_| bad())?;
+        return Ok(SocketAddr::new(IpAddr::V6(Ipv6Addr::UNSPECIFIED), port));
+    }
+    if let Ok(addr) = value.parse::<SocketAddr>() {
+        return Ok(addr);
+    }
+    let mut addrs = value.to_socket_addrs().map_err(|_| bad())?;
+    // Prefer IPv4 for names like `localhost`, which is what people mean on most hosts.
+    let all: Vec<SocketAddr> = addrs.by_ref().collect();
+    all.iter()
+        .find(|a| a.is_ipv4())
+        .or_else(|| all.first())
+        .copied()
+        .ok_or_else(bad)
+}
+
+pub fn parse_duration(setting: &'static str, value: &str) -> Result<Duration, ConfigError> {
+    let value = value.trim();
+    if value == "0" {
+        return Ok(Duration::ZERO);
+    }
+    humantime::parse_duration(value).map_err(|e| ConfigError::BadDuration {
+        setting,
+        value: value.to_string(),
+        reason: e.to_string(),
+    })
+}
+
+fn parse_positive(setting: &'static str, value: &str) -> Result<Duration, ConfigError> {
+    let d = parse_duration(setting, value)?;
+    if d.is_zero() {
+        return Err(ConfigError::BadDuration {
+            setting,
+            value: value.to_string(),
+            reason: "must be greater than zero".to_string(),
+        });
+    }
+    Ok(d)
+}
+
+fn parse_cidr(value: &str) -> Result<IpNet, ConfigError> {
+    if let Ok(net) = value.parse::<IpNet>() {
+        return Ok(net);
+    }
+    value
+        .parse::<IpAddr>()
+        .map(IpNet::from)
+        .map_err(|_| ConfigError::BadCidr {
+            value: value.to_string(),
+        })
+}
+
+/// The address a browser should use to reach a listener, for messages and redirects.
+pub fn display_host(addr: &SocketAddr) -> String {
+    match addr.ip() {
+        IpAddr::V6(ip) if ip.is_unspecified() => "localhost".to_string(),
+        IpAddr::V4(ip) if ip == Ipv4Addr::UNSPECIFIED => "localhost".to_string(),
+        IpAddr::V6(ip) => format!("[{ip}]"),
+        IpAddr::V4(ip) => ip.to_string(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn port_only_listens_everywhere() {
+        let a = parse_listen("X", ":8443").unwrap();
+        assert!(a.ip().is_unspecified());
+        assert_eq!(a.port(), 8443);
+    }
+
+    #[test]
+    fn explicit_ip_kept() {
+        let a = parse_listen("X", "127.0.0.1:9").unwrap();
+        assert_eq!(a, "127.0.0.1:9".parse().unwrap());
+    }
+
+    #[test]
+    fn bad_address_names_the_setting() {
+        let e = parse_listen("NB_PROXY_ADDRESS", ":http").unwrap_err();
+        assert!(e.to_string().contains("NB_PROXY_ADDRESS"), "{e}");
+    }
+
+    #[test]
+    fn durations() {
+        assert_eq!(parse_duration("X", "0").unwrap(), Duration::ZERO);
+        assert_eq!(
+            parse_duration("X", "1500ms").unwrap(),
+            Duration::from_millis(1500)
+        );
+        assert!(parse_positive("X", "0").is_err());
+        assert!(parse_duration("X", "ten").is_err());
+    }
+
+    #[test]
+    fn cidrs_and_bare_ips() {
+        assert_eq!(
+            parse_cidr("10.0.0.0/8").unwrap(),
+            "10.0.0.0/8".parse().unwrap()
+        );
+        assert_eq!(
+            parse_cidr("192.0.2.1").unwrap(),
+            "192.0.2.1/32".parse().unwrap()
+        );
+        assert!(parse_cidr("nope").is_err());
+    }
+}

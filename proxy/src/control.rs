@@ -1,0 +1,118 @@
+//! The control thread: reloads certificates and the mappings file when they change, serves the
+//! health probes and turns SIGTERM into a graceful drain. It is the only place that blocks.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use tokio::signal::unix::{SignalKind, signal};
+
+use crate::routes::RouteTable;
+use crate::state::Shared;
+use crate::tls::CertLoader;
+
+/// Publishes a new table built from the mappings file; a bad file keeps the current table.
+pub fn reload_mappings(shared: &Shared, path: &std::path::Path) -> bool {
+    match crate::mappings_file::load(path) {
+        Ok(mappings) => {
+            let (table, report) = RouteTable::build(&mappings);
+            for (id, err) in &report.skipped {
+                tracing::error!(service = %id, error = %err, "service not served");
+            }
+            tracing::info!(services = table.len(), file = %path.display(), "mappings loaded");
+            shared.publish_routes(table);
+            true
+        }
+        Err(e) => {
+            tracing::error!(error = %e, "mappings file not applied; still serving the previous services");
+            false
+        }
+    }
+}
+
+/// Publishes the certificates found on disk; errors are logged, previous pairs kept.
+pub fn reload_certs(shared: &Shared, loader: &mut CertLoader) {
+    let scan = loader.scan();
+    for e in &scan.errors {
+        tracing::error!(error = %e, "certificate not loaded");
+    }
+    tracing::info!(
+        names = scan.store.name_count(),
+        default = scan.store.has_default(),
+        "certificates loaded"
+    );
+    shared.certs.publish(scan.store);
+}
+
+/// Modification time, size and inode of a file: what tells us it was replaced.
+fn file_stamp(path: &std::path::Path) -> Option<(SystemTime, u64, u64)> {
+    use std::os::unix::fs::MetadataExt;
+    let m = std::fs::metadata(path).ok()?;
+    Some((m.modified().ok()?, m.len(), m.ino()))
+}
+
+/// Runs until the proxy has drained after SIGTERM/SIGINT; returns the process exit code.
+pub async fn run(shared: Arc<Shared>, certs: CertLoader, health: tokio::net::TcpListener) -> i32 {
+    tokio::spawn(crate::health::serve(health, shared.clone()));
+    tokio::spawn(watch_files(
+        shared.clone(),
+        shared.config.mappings_file.clone(),
+        certs,
+    ));
+
+    let (mut term, mut int) = match (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) {
+        (Ok(t), Ok(i)) => (t, i),
+        _ => {
+            tracing::error!("cannot install signal handlers");
+            return 1;
+        }
+    };
+    tokio::select! {
+        _ = term.recv() => tracing::info!("SIGTERM: draining"),
+        _ = int.recv() => tracing::info!("SIGINT: draining"),
+    }
+    shared.start_draining();
+    let grace = shared.config.limits.shutdown_timeout;
+    let deadline = tokio::time::Instant::now() + grace;
+    loop {
+        let active = shared.active_connections();
+        if active == 0 {
+            tracing::info!("drained; exiting");
+            return 0;
+        }
+        if tokio::time::Instant::now() >= deadline {
+            tracing::warn!(
+                active,
+                "shutdown timeout reached with connections still open; exiting"
+            );
+            return 0;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+async fn watch_files(shared: Arc<Shared>, mappings: Option<PathBuf>, mut certs: CertLoader) {
+    let mut mappings_stamp = mappings.as_deref().and_then(file_stamp);
+    let mut tick = tokio::time::interval(shared.config.reload_interval);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        if certs.changed() {
+            reload_certs(&shared, &mut certs);
+        }
+        if let Some(path) = &mappings {
+            let stamp = file_stamp(path);
+            if stamp != mappings_stamp {
+                mappings_stamp = stamp;
+                if stamp.is_some() {
+                    reload_mappings(&shared, path);
+                } else {
+                    tracing::warn!(file = %path.display(), "mappings file is gone; still serving the previous services");
+                }
+            }
+        }
+    }
+}

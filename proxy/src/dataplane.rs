@@ -1,0 +1,255 @@
+//! The data plane: one monoio runtime per worker thread (io_uring, epoll as fallback), each with
+//! its own `SO_REUSEPORT` listeners, upstream pool and route-table snapshot.
+
+pub mod inbuf;
+pub mod listener;
+pub mod upstream;
+
+use std::cell::RefCell;
+use std::net::SocketAddr;
+use std::rc::Rc;
+use std::sync::Arc;
+use std::sync::mpsc;
+
+use monoio::net::{TcpListener, TcpStream};
+use monoio::time::Instant;
+use monoio::{IoUringDriver, LegacyDriver, RuntimeBuilder};
+use monoio_rustls::TlsAcceptor;
+
+use crate::config::IoDriverChoice;
+use crate::routes::RouteTable;
+use crate::state::Shared;
+use crate::tls::UpstreamTls;
+use listener::BoundListeners;
+use upstream::Dialer;
+
+#[derive(Debug, thiserror::Error)]
+pub enum WorkerError {
+    #[error("worker {id}: cannot start the {driver} runtime: {source}")]
+    Runtime {
+        id: usize,
+        driver: &'static str,
+        source: std::io::Error,
+    },
+    #[error("worker {id}: cannot use its listening socket: {source}")]
+    Listener { id: usize, source: std::io::Error },
+    #[error("cannot start worker thread: {0}")]
+    Thread(std::io::Error),
+}
+
+/// What one worker owns. Lives on that worker's thread only.
+pub struct WorkerCtx {
+    pub id: usize,
+    pub shared: Arc<Shared>,
+    pub dialer: Dialer,
+    /// `Rc` over the shared `Arc` on purpose: cloning it per request touches only this
+    /// worker's counter, never the cache line every core shares.
+    #[allow(clippy::redundant_allocation)]
+    routes: RefCell<Rc<Arc<RouteTable>>>,
+}
+
+impl WorkerCtx {
+    /// The current route table. One atomic load per call; the refcount touched on the hot path
+    /// is this worker's own `Rc`, not the shared `Arc`.
+    #[allow(clippy::redundant_allocation)]
+    pub fn routes(&self) -> Rc<Arc<RouteTable>> {
+        let latest = self.shared.routes.load();
+        let mut current = self.routes.borrow_mut();
+        if !Arc::ptr_eq(&latest, &current) {
+            *current = Rc::new(arc_swap::Guard::into_inner(latest));
+        }
+        current.clone()
+    }
+}
+
+/// Which driver a worker should run.
+pub fn pick_driver(choice: IoDriverChoice) -> &'static str {
+    match choice {
+        IoDriverChoice::Legacy => "legacy",
+        IoDriverChoice::IoUring => "io_uring",
+        IoDriverChoice::Auto if monoio::utils::detect_uring() => "io_uring",
+        IoDriverChoice::Auto => "legacy",
+    }
+}
+
+/// Starts the workers; returns once every one of them runs its accept loops.
+pub fn start(
+    shared: Arc<Shared>,
+    listeners: Vec<BoundListeners>,
+    upstream_tls: UpstreamTls,
+) -> Result<Vec<std::thread::JoinHandle<()>>, WorkerError> {
+    let driver = pick_driver(shared.config.io_driver);
+    let _ = shared.status.io_driver.set(driver);
+    let (ready_tx, ready_rx) = mpsc::channel::<Result<(), WorkerError>>();
+    let mut handles = Vec::new();
+    let count = listeners.len();
+    for (id, bound) in listeners.into_iter().enumerate() {
+        let shared = shared.clone();
+        let tls = upstream_tls.clone();
+        let ready = ready_tx.clone();
+        let handle = std::thread::Builder::new()
+            .name(format!("portcullis-worker-{id}"))
+            .spawn(move || run_worker(id, driver, shared, bound, tls, ready))
+            .map_err(WorkerError::Thread)?;
+        handles.push(handle);
+    }
+    drop(ready_tx);
+    for _ in 0..count {
+        match ready_rx.recv() {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => return Err(e),
+            Err(_) => break,
+        }
+    }
+    Ok(handles)
+}
+
+fn run_worker(
+    id: usize,
+    driver: &'static str,
+    shared: Arc<Shared>,
+    bound: BoundListeners,
+    tls: UpstreamTls,
+    ready: mpsc::Sender<Result<(), WorkerError>>,
+) {
+    let runtime_err = |source| WorkerError::Runtime { id, driver, source };
+    let work = move || worker_main(id, shared, bound, tls, ready.clone());
+    let result = if driver == "io_uring" {
+        RuntimeBuilder::<IoUringDriver>::new()
+            .enable_timer()
+            .with_entries(4096)
+            .build()
+            .map(|mut rt| rt.block_on(work()))
+    } else {
+        RuntimeBuilder::<LegacyDriver>::new()
+            .enable_timer()
+            .build()
+            .map(|mut rt| rt.block_on(work()))
+    };
+    if let Err(e) = result {
+        tracing::error!(error = %runtime_err(e), "worker stopped");
+    }
+}
+
+async fn worker_main(
+    id: usize,
+    shared: Arc<Shared>,
+    bound: BoundListeners,
+    tls: UpstreamTls,
+    ready: mpsc::Sender<Result<(), WorkerError>>,
+) {
+    let listener_err = |source| WorkerError::Listener { id, source };
+    let https = match TcpListener::from_std(bound.https) {
+        Ok(l) => l,
+        Err(e) => {
+            let _ = ready.send(Err(listener_err(e)));
+            return;
+        }
+    };
+    let http = match bound.http.map(TcpListener::from_std).transpose() {
+        Ok(l) => l,
+        Err(e) => {
+            let _ = ready.send(Err(listener_err(e)));
+            return;
+        }
+    };
+    let routes = RefCell::new(Rc::new(shared.routes.load_full()));
+    let ctx = Rc::new(WorkerCtx {
+        id,
+        shared: shared.clone(),
+        dialer: Dialer::new(tls),
+        routes,
+    });
+    let acceptor = TlsAcceptor::from(shared.tls.clone());
+    let _ = ready.send(Ok(()));
+    tracing::debug!(worker = id, "worker running");
+    let https_loop = accept_loop(https, ctx.clone(), move |tcp, peer, ctx, at| {
+        let acceptor = acceptor.clone();
+        async move { serve_https(acceptor, tcp, peer, ctx, at).await }
+    });
+    match http {
+        Some(http) => {
+            let http_loop = accept_loop(http, ctx.clone(), |tcp, _peer, ctx, at| {
+                crate::http::redirect::serve(tcp, ctx, at)
+            });
+            monoio::join!(https_loop, http_loop);
+        }
+        None => https_loop.await,
+    }
+    tracing::debug!(worker = id, "worker stopped accepting");
+    // In-flight connections finish on their own tasks; the process exits when they are done
+    // or the shutdown timeout passes.
+    std::future::pending::<()>().await;
+}
+
+async fn accept_loop<F, Fut>(listener: TcpListener, ctx: Rc<WorkerCtx>, handler: F)
+where
+    F: Fn(TcpStream, SocketAddr, Rc<WorkerCtx>, Instant) -> Fut,
+    Fut: std::future::Future<Output = ()> + 'static,
+{
+    let mut drain = ctx.shared.drain_signal();
+    let mut fd_warned_at: Option<Instant> = None;
+    loop {
+        if *drain.borrow() {
+            return;
+        }
+        let accepted = monoio::select! {
+            r = listener.accept() => r,
+            _ = drain.changed() => return,
+        };
+        match accepted {
+            Ok((tcp, peer)) => {
+                let Some(guard) = ctx.shared.try_open_connection() else {
+                    tracing::debug!(%peer, "connection limit reached, refusing connection");
+                    drop(tcp);
+                    continue;
+                };
+                let _ = tcp.set_nodelay(true);
+                let fut = handler(tcp, peer, ctx.clone(), Instant::now());
+                monoio::spawn(async move {
+                    fut.await;
+                    drop(guard);
+                });
+            }
+            Err(e) => {
+                // EMFILE / ENFILE
+                let out_of_fds = matches!(e.raw_os_error(), Some(24) | Some(23));
+                if out_of_fds {
+                    let now = Instant::now();
+                    if fd_warned_at.is_none_or(|t| now.duration_since(t).as_secs() >= 10) {
+                        tracing::error!(
+                            "out of file descriptors: cannot accept connections; raise LimitNOFILE \
+                             or lower NB_PROXY_MAX_CONNECTIONS"
+                        );
+                        fd_warned_at = Some(now);
+                    }
+                    monoio::time::sleep(std::time::Duration::from_millis(50)).await;
+                } else {
+                    tracing::debug!(error = %e, "accept failed");
+                }
+            }
+        }
+    }
+}
+
+async fn serve_https(
+    acceptor: TlsAcceptor,
+    tcp: TcpStream,
+    peer: SocketAddr,
+    ctx: Rc<WorkerCtx>,
+    accepted_at: Instant,
+) {
+    let deadline = accepted_at + ctx.shared.config.limits.header_timeout;
+    let tls = match monoio::time::timeout_at(deadline, acceptor.accept(tcp)).await {
+        Ok(Ok(tls)) => tls,
+        Ok(Err(e)) => {
+            tracing::debug!(%peer, error = %e, "TLS handshake failed");
+            return;
+        }
+        Err(_) => {
+            tracing::debug!(%peer, "TLS handshake timed out");
+            return;
+        }
+    };
+    crate::http::connection::serve(tls, peer, ctx, accepted_at).await;
+}

@@ -1,0 +1,255 @@
+//! Connections to targets: plain TCP or TLS, dialed with a timeout and kept alive in a per-worker
+//! pool keyed by address and TLS settings.
+
+use std::cell::RefCell;
+use std::collections::HashMap;
+use std::io;
+use std::net::{SocketAddr, ToSocketAddrs};
+use std::time::{Duration, Instant};
+
+use monoio::BufResult;
+use monoio::buf::{IoBuf, IoBufMut, IoVecBuf, IoVecBufMut};
+use monoio::io::{AsyncReadRent, AsyncWriteRent, Split};
+use monoio::net::TcpStream;
+use monoio_rustls::{ClientTlsStream, TlsConnector};
+use rustls_pki_types::ServerName;
+
+use crate::routes::{Target, TargetScheme};
+use crate::tls::UpstreamTls;
+
+/// Idle upstream connections kept per target, and how long one may sit idle before it is
+/// considered stale (targets often close idle connections after a few seconds).
+const MAX_IDLE_PER_KEY: usize = 32;
+const MAX_IDLE_TOTAL: usize = 1024;
+const IDLE_LIFETIME: Duration = Duration::from_secs(15);
+/// Resolved names are cached this long per worker.
+const DNS_TTL: Duration = Duration::from_secs(30);
+
+#[derive(Debug, thiserror::Error)]
+pub enum DialError {
+    #[error("cannot resolve {host}: {message}")]
+    Resolve { host: String, message: String },
+    #[error("connect to {addr}: {source}")]
+    Connect { addr: SocketAddr, source: io::Error },
+    #[error("connect to {addr} timed out")]
+    Timeout { addr: SocketAddr },
+    #[error("TLS handshake with {addr}: {message}")]
+    Tls { addr: SocketAddr, message: String },
+}
+
+impl DialError {
+    pub fn is_timeout(&self) -> bool {
+        matches!(self, DialError::Timeout { .. })
+    }
+}
+
+pub enum UpstreamStream {
+    Plain(TcpStream),
+    Tls(Box<ClientTlsStream<TcpStream>>),
+}
+
+// SAFETY: both variants are `Split`; the halves of a split stream are used on one thread only.
+unsafe impl Split for UpstreamStream {}
+
+impl AsyncReadRent for UpstreamStream {
+    async fn read<T: IoBufMut>(&mut self, buf: T) -> BufResult<usize, T> {
+        match self {
+            Self::Plain(s) => s.read(buf).await,
+            Self::Tls(s) => s.read(buf).await,
+        }
+    }
+
+    async fn readv<T: IoVecBufMut>(&mut self, buf: T) -> BufResult<usize, T> {
+        match self {
+            Self::Plain(s) => s.readv(buf).await,
+            Self::Tls(s) => s.readv(buf).await,
+        }
+    }
+}
+
+impl AsyncWriteRent for UpstreamStream {
+    async fn write<T: IoBuf>(&mut self, buf: T) -> BufResult<usize, T> {
+        match self {
+            Self::Plain(s) => s.write(buf).await,
+            Self::Tls(s) => s.write(buf).await,
+        }
+    }
+
+    async fn writev<T: IoVecBuf>(&mut self, buf: T) -> BufResult<usize, T> {
+        match self {
+            Self::Plain(s) => s.writev(buf).await,
+            Self::Tls(s) => s.writev(buf).await,
+        }
+    }
+
+    async fn flush(&mut self) -> io::Result<()> {
+        match self {
+            Self::Plain(s) => s.flush().await,
+            Self::Tls(s) => s.flush().await,
+        }
+    }
+
+    async fn shutdown(&mut self) -> io::Result<()> {
+        match self {
+            Self::Plain(s) => s.shutdown().await,
+            Self::Tls(s) => s.shutdown().await,
+        }
+    }
+}
+
+/// What makes two upstream connections interchangeable.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct PoolKey {
+    addr: SocketAddr,
+    tls: Option<(ServerName<'static>, bool)>,
+}
+
+pub struct Upstream {
+    pub stream: UpstreamStream,
+    pub key: PoolKey,
+    /// True when it came from the pool, so a failure before any response byte may be a stale
+    /// connection and the request can be retried on a fresh one.
+    pub reused: bool,
+}
+
+/// Per-worker state for reaching targets.
+pub struct Dialer {
+    tls: UpstreamTls,
+    idle: RefCell<HashMap<PoolKey, Vec<(UpstreamStream, Instant)>>>,
+    idle_total: RefCell<usize>,
+    dns: RefCell<HashMap<(String, u16), (SocketAddr, Instant)>>,
+}
+
+impl Dialer {
+    pub fn new(tls: UpstreamTls) -> Self {
+        Self {
+            tls,
+            idle: RefCell::new(HashMap::new()),
+            idle_total: RefCell::new(0),
+            dns: RefCell::new(HashMap::new()),
+        }
+    }
+
+    pub fn key(&self, target: &Target, skip_verify: bool) -> Result<PoolKey, DialError> {
+        let addr = match target.socket_addr() {
+            Some(a) => a,
+            None => self.resolve(&target.host, target.port)?,
+        };
+        let tls = match target.scheme {
+            TargetScheme::Http => None,
+            TargetScheme::Https => Some((target.server_name.clone(), skip_verify)),
+        };
+        Ok(PoolKey { addr, tls })
+    }
+
+    /// Names are resolved with the system resolver and cached; mesh targets are IP literals and
+    /// never get here.
+    fn resolve(&self, host: &str, port: u16) -> Result<SocketAddr, DialError> {
+        let now = Instant::now();
+        let cache_key = (host.to_string(), port);
+        if let Some((addr, at)) = self.dns.borrow().get(&cache_key)
+            && now.duration_since(*at) < DNS_TTL
+        {
+            return Ok(*addr);
+        }
+        let addr = (host, port)
+            .to_socket_addrs()
+            .map_err(|e| DialError::Resolve {
+                host: host.to_string(),
+                message: e.to_string(),
+            })?
+            .next()
+            .ok_or_else(|| DialError::Resolve {
+                host: host.to_string(),
+                message: "no addresses".to_string(),
+            })?;
+        let mut dns = self.dns.borrow_mut();
+        if dns.len() > 4096 {
+            dns.clear();
+        }
+        dns.insert(cache_key, (addr, now));
+        Ok(addr)
+    }
+
+    /// A pooled connection if a fresh one is idle, else a new one.
+    pub async fn get(&self, key: &PoolKey, dial_timeout: Duration) -> Result<Upstream, DialError> {
+        if let Some(stream) = self.checkout(key) {
+            return Ok(Upstream {
+                stream,
+                key: key.clone(),
+                reused: true,
+            });
+        }
+        self.connect(key, dial_timeout).await
+    }
+
+    fn checkout(&self, key: &PoolKey) -> Option<UpstreamStream> {
+        let mut idle = self.idle.borrow_mut();
+        let list = idle.get_mut(key)?;
+        let now = Instant::now();
+        while let Some((stream, since)) = list.pop() {
+            *self.idle_total.borrow_mut() -= 1;
+            if now.duration_since(since) < IDLE_LIFETIME {
+                return Some(stream);
+            }
+        }
+        None
+    }
+
+    pub async fn connect(
+        &self,
+        key: &PoolKey,
+        dial_timeout: Duration,
+    ) -> Result<Upstream, DialError> {
+        let addr = key.addr;
+        let tcp = match monoio::time::timeout(dial_timeout, TcpStream::connect_addr(addr)).await {
+            Err(_) => return Err(DialError::Timeout { addr }),
+            Ok(Err(source)) => return Err(DialError::Connect { addr, source }),
+            Ok(Ok(s)) => s,
+        };
+        let _ = tcp.set_nodelay(true);
+        let stream = match &key.tls {
+            None => UpstreamStream::Plain(tcp),
+            Some((name, skip_verify)) => {
+                let config = if *skip_verify {
+                    self.tls.unverified.clone()
+                } else {
+                    self.tls.verified.clone()
+                };
+                let connector = TlsConnector::from(config);
+                match monoio::time::timeout(dial_timeout, connector.connect(name.clone(), tcp))
+                    .await
+                {
+                    Err(_) => return Err(DialError::Timeout { addr }),
+                    Ok(Err(e)) => {
+                        return Err(DialError::Tls {
+                            addr,
+                            message: e.to_string(),
+                        });
+                    }
+                    Ok(Ok(s)) => UpstreamStream::Tls(Box::new(s)),
+                }
+            }
+        };
+        Ok(Upstream {
+            stream,
+            key: key.clone(),
+            reused: false,
+        })
+    }
+
+    /// Returns a connection whose last exchange ended cleanly.
+    pub fn release(&self, upstream: Upstream) {
+        let mut total = self.idle_total.borrow_mut();
+        if *total >= MAX_IDLE_TOTAL {
+            return;
+        }
+        let mut idle = self.idle.borrow_mut();
+        let list = idle.entry(upstream.key).or_default();
+        if list.len() >= MAX_IDLE_PER_KEY {
+            return;
+        }
+        list.push((upstream.stream, Instant::now()));
+        *total += 1;
+    }
+}

@@ -1,0 +1,191 @@
+//! A client connection: reads request heads one after another (keep-alive), hands each to the
+//! exchange, and tunnels bytes after a protocol switch.
+//!
+//! Any read or write that is cancelled (timeout, drain) ends the connection: monoio streams must
+//! not be used again after a cancelled operation.
+
+use std::net::SocketAddr;
+use std::rc::Rc;
+
+use monoio::io::{AsyncReadRent, AsyncWriteRent, AsyncWriteRentExt, Splitable};
+use monoio::time::Instant;
+
+use super::exchange::{Next, exchange};
+use super::head::{HeadError, RequestHead, ResponseHead};
+use super::responses::{self, ProxyStatus};
+use crate::dataplane::WorkerCtx;
+use crate::dataplane::inbuf::{InBuf, write_vec};
+use crate::dataplane::upstream::UpstreamStream;
+
+/// Buffers reused by every request of one connection.
+pub struct Conn {
+    pub inbuf: InBuf,
+    pub upbuf: InBuf,
+    pub head: RequestHead,
+    pub resp: ResponseHead,
+    pub out: Vec<u8>,
+}
+
+impl Conn {
+    fn new() -> Self {
+        Self {
+            inbuf: InBuf::with_capacity(16 * 1024),
+            upbuf: InBuf::with_capacity(16 * 1024),
+            head: RequestHead::default(),
+            resp: ResponseHead::default(),
+            out: Vec::with_capacity(2048),
+        }
+    }
+}
+
+enum HeadWait {
+    Ready(usize),
+    /// Closed, idle, draining or broken: end quietly.
+    End,
+    Reject(ProxyStatus),
+}
+
+/// Serves HTTP/1.1 on an established (TLS) client stream until it closes.
+pub async fn serve<S>(mut client: S, peer: SocketAddr, ctx: Rc<WorkerCtx>, accepted_at: Instant)
+where
+    S: AsyncReadRent + AsyncWriteRent + Splitable,
+    S::OwnedRead: AsyncReadRent,
+    S::OwnedWrite: AsyncWriteRent,
+{
+    let mut conn = Conn::new();
+    let mut drain = ctx.shared.drain_signal();
+    let mut first = true;
+    loop {
+        let head_len =
+            match wait_for_head(&mut client, &mut conn, &ctx, &mut drain, first, accepted_at).await
+            {
+                HeadWait::Ready(n) => n,
+                HeadWait::End => return,
+                HeadWait::Reject(status) => {
+                    responses::error_page(&mut conn.out, status, true, false);
+                    let out = std::mem::take(&mut conn.out);
+                    let _ = monoio::time::timeout(
+                        ctx.shared.config.limits.header_timeout,
+                        write_vec(&mut client, out),
+                    )
+                    .await;
+                    return;
+                }
+            };
+        first = false;
+        conn.inbuf.consume(head_len);
+        match exchange(&mut client, &mut conn, peer, &ctx).await {
+            Next::KeepAlive if !ctx.shared.is_draining() => continue,
+            Next::KeepAlive | Next::Close => break,
+            Next::Tunnel(up) => {
+                let pending = conn.inbuf.data().to_vec();
+                let upstream_pending = conn.upbuf.data().to_vec();
+                tunnel(client, pending, up.stream, upstream_pending).await;
+                return;
+            }
+        }
+    }
+    let _ = monoio::time::timeout(ctx.shared.config.limits.header_timeout, client.shutdown()).await;
+}
+
+/// Reads until a whole request head is buffered. The first request (and the TLS handshake
+/// before it) must arrive within the header timeout; later ones may idle up to the idle timeout
+/// before their first byte, then get the header timeout for the rest.
+async fn wait_for_head<S: AsyncReadRent>(
+    client: &mut S,
+    conn: &mut Conn,
+    ctx: &WorkerCtx,
+    drain: &mut tokio::sync::watch::Receiver<bool>,
+    first: bool,
+    accepted_at: Instant,
+) -> HeadWait {
+    let limits = ctx.shared.config.limits;
+    let mut deadline = if first {
+        accepted_at + limits.header_timeout
+    } else {
+        Instant::now() + limits.idle_timeout
+    };
+    let mut waiting_idle = !first && conn.inbuf.is_empty();
+    loop {
+        if !conn.inbuf.is_empty() {
+            match conn.head.parse(conn.inbuf.data()) {
+                Ok(Some(n)) => return HeadWait::Ready(n),
+                Ok(None) => {}
+                Err(HeadError::TooLarge) => return HeadWait::Reject(ProxyStatus::HeadersTooLarge),
+                Err(e) => {
+                    tracing::debug!(error = %e, "rejecting request");
+                    return HeadWait::Reject(ProxyStatus::BadRequest);
+                }
+            }
+            if waiting_idle {
+                waiting_idle = false;
+                deadline = Instant::now() + limits.header_timeout;
+            }
+        }
+        if waiting_idle && *drain.borrow() {
+            return HeadWait::End;
+        }
+        // A cancelled read takes the buffer with it, so note now whether a head had started.
+        let head_started = !conn.inbuf.is_empty();
+        let read = monoio::time::timeout_at(deadline, conn.inbuf.fill(client));
+        let result = if waiting_idle {
+            monoio::select! {
+                r = read => r,
+                _ = drain.changed() => return HeadWait::End,
+            }
+        } else {
+            read.await
+        };
+        match result {
+            Err(_) if !head_started => return HeadWait::End,
+            Err(_) => return HeadWait::Reject(ProxyStatus::RequestTimeout),
+            Ok(Err(_)) | Ok(Ok(0)) => return HeadWait::End,
+            Ok(Ok(_)) => {}
+        }
+    }
+}
+
+/// Copies bytes both ways until each side has closed its direction.
+async fn tunnel<S>(
+    client: S,
+    client_pending: Vec<u8>,
+    upstream: UpstreamStream,
+    upstream_pending: Vec<u8>,
+) where
+    S: Splitable,
+    S::OwnedRead: AsyncReadRent,
+    S::OwnedWrite: AsyncWriteRent,
+{
+    let (mut cr, mut cw) = client.into_split();
+    let (mut ur, mut uw) = upstream.into_split();
+    let up = async move {
+        pump(&mut cr, &mut uw, client_pending).await;
+        let _ = uw.shutdown().await;
+    };
+    let down = async move {
+        pump(&mut ur, &mut cw, upstream_pending).await;
+        let _ = cw.shutdown().await;
+    };
+    monoio::join!(up, down);
+}
+
+async fn pump<R: AsyncReadRent, W: AsyncWriteRent>(src: &mut R, dst: &mut W, pending: Vec<u8>) {
+    if !pending.is_empty() && dst.write_all(pending).await.0.is_err() {
+        return;
+    }
+    let mut buf = Vec::with_capacity(16 * 1024);
+    loop {
+        let (res, b) = src.read(buf).await;
+        buf = b;
+        match res {
+            Ok(0) | Err(_) => return,
+            Ok(_) => {}
+        }
+        let (res, b) = dst.write_all(buf).await;
+        buf = b;
+        if res.is_err() {
+            return;
+        }
+        buf.clear();
+    }
+}

@@ -1,0 +1,306 @@
+//! One request/response exchange: route, dial, forward the request, stream the response back.
+
+use std::net::SocketAddr;
+use std::rc::Rc;
+use std::time::Duration;
+
+use monoio::io::{AsyncReadRent, AsyncWriteRent};
+
+use super::body::{self, BodyError};
+use super::connection::Conn;
+use super::head::{Framing, HeadError};
+use super::responses::{self, ProxyStatus};
+use super::rewrite::{self, Forwarding, ResponseContext};
+use crate::config::ForwardedProto;
+use crate::dataplane::WorkerCtx;
+use crate::dataplane::inbuf::write_vec;
+use crate::dataplane::upstream::{PoolKey, Upstream};
+use crate::routes::{PathRoute, Service};
+
+/// What the connection does after an exchange.
+pub enum Next {
+    KeepAlive,
+    Close,
+    /// The target agreed to switch protocols: bytes now flow both ways untouched.
+    Tunnel(Upstream),
+}
+
+/// Why an exchange failed before a response head reached the client.
+enum Failure {
+    /// Answer with this page (and close if the request body was not fully read).
+    Status(ProxyStatus),
+    /// Nothing sensible can be sent: close.
+    Abort,
+}
+
+pub async fn exchange<S: AsyncReadRent + AsyncWriteRent>(
+    client: &mut S,
+    conn: &mut Conn,
+    peer: SocketAddr,
+    ctx: &Rc<WorkerCtx>,
+) -> Next {
+    let table = ctx.routes();
+    let head = &conn.head;
+    let route = table
+        .service(&head.host)
+        .and_then(|svc| svc.route(head.path()).map(|r| (svc.clone(), r)));
+    let Some((service, route)) = route else {
+        return answer(client, conn, ProxyStatus::NotFound).await;
+    };
+    if head.method() == b"CONNECT" {
+        return answer(client, conn, ProxyStatus::MethodNotAllowed).await;
+    }
+    tracing::trace!(service = %service.id, path = head.path(), "routing request");
+
+    match forward(client, conn, peer, ctx, &service, route).await {
+        Ok(next) => next,
+        Err(Failure::Status(status)) => answer(client, conn, status).await,
+        Err(Failure::Abort) => Next::Close,
+    }
+}
+
+async fn forward<S: AsyncReadRent + AsyncWriteRent>(
+    client: &mut S,
+    conn: &mut Conn,
+    peer: SocketAddr,
+    ctx: &Rc<WorkerCtx>,
+    service: &Service,
+    route: &PathRoute,
+) -> Result<Next, Failure> {
+    let limits = ctx.shared.config.limits;
+    let has_body = conn.head.framing != Framing::None;
+    let expect_handled = conn.head.expect_continue && has_body;
+    let fwd = Forwarding {
+        client_ip: peer.ip().to_canonical(),
+        trusted_proxies: &ctx.shared.config.trusted_proxies,
+        proto: match ctx.shared.config.forwarded_proto {
+            ForwardedProto::Http => "http",
+            ForwardedProto::Auto | ForwardedProto::Https => "https",
+        },
+        expect_handled,
+    };
+    rewrite::upstream_request(&mut conn.out, &conn.head, service, route, &fwd);
+
+    let key: PoolKey = ctx
+        .dialer
+        .key(&route.target, route.skip_tls_verify)
+        .map_err(|e| {
+            tracing::warn!(service = %service.id, error = %e, "target unreachable");
+            Failure::Status(ProxyStatus::BadGateway)
+        })?;
+    let response_timeout = route.request_timeout.unwrap_or(limits.upstream_timeout);
+    let dial_timeout = route
+        .request_timeout
+        .map_or(limits.dial_timeout, |t| t.min(limits.dial_timeout));
+
+    // A pooled connection may have been closed by the target while idle; when that shows before
+    // any response byte of a body-less request, the request is sent again on a new connection.
+    let mut up = dial(ctx, &key, dial_timeout, service, false).await?;
+    loop {
+        let (res, out) = write_vec(&mut up.stream, std::mem::take(&mut conn.out)).await;
+        conn.out = out;
+        if let Err(e) = res {
+            if up.reused && !has_body {
+                up = dial(ctx, &key, dial_timeout, service, true).await?;
+                continue;
+            }
+            tracing::debug!(service = %service.id, error = %e, "sending request to target failed");
+            return Err(Failure::Status(ProxyStatus::BadGateway));
+        }
+        if has_body {
+            if expect_handled
+                && write_all(client, responses::CONTINUE_100, limits.idle_timeout)
+                    .await
+                    .is_err()
+            {
+                return Err(Failure::Abort);
+            }
+            if let Err(e) = body::copy(
+                client,
+                &mut conn.inbuf,
+                &mut up.stream,
+                conn.head.framing,
+                limits.idle_timeout,
+            )
+            .await
+            {
+                tracing::debug!(service = %service.id, error = %e, "request body not forwarded");
+                return Err(match e {
+                    BodyError::Chunked(_) => Failure::Status(ProxyStatus::BadRequest),
+                    e if e.is_sender_fault() => Failure::Abort,
+                    _ => Failure::Status(ProxyStatus::BadGateway),
+                });
+            }
+        }
+        match read_response_head(&mut up, conn, response_timeout).await {
+            Ok(()) => break,
+            Err(ReadHeadError::Closed) if up.reused && !has_body => {
+                up = dial(ctx, &key, dial_timeout, service, true).await?;
+            }
+            Err(ReadHeadError::Timeout) => {
+                tracing::warn!(service = %service.id, timeout = ?response_timeout, "target did not answer in time");
+                return Err(Failure::Status(ProxyStatus::GatewayTimeout));
+            }
+            Err(e) => {
+                tracing::warn!(service = %service.id, error = ?e, "target answered badly");
+                return Err(Failure::Status(ProxyStatus::BadGateway));
+            }
+        }
+    }
+
+    let switching = conn.resp.status == 101;
+    if switching && !conn.head.upgrade {
+        return Err(Failure::Status(ProxyStatus::BadGateway));
+    }
+    let close = !conn.head.keep_alive
+        || conn.resp.framing == Framing::UntilClose
+        || ctx.shared.is_draining()
+        || (conn.head.minor_version == 0 && conn.resp.framing == Framing::Chunked);
+    let rctx = ResponseContext {
+        service,
+        route,
+        public_host: conn.head.host_header(),
+        close,
+        client_http10: conn.head.minor_version == 0,
+    };
+    rewrite::client_response(&mut conn.out, &conn.resp, &rctx);
+    let (res, out) = match monoio::time::timeout(
+        limits.idle_timeout,
+        write_vec(client, std::mem::take(&mut conn.out)),
+    )
+    .await
+    {
+        Ok(r) => r,
+        Err(_) => return Err(Failure::Abort),
+    };
+    conn.out = out;
+    if res.is_err() {
+        return Err(Failure::Abort);
+    }
+    if switching {
+        return Ok(Next::Tunnel(up));
+    }
+    if let Err(e) = body::copy(
+        &mut up.stream,
+        &mut conn.upbuf,
+        client,
+        conn.resp.framing,
+        limits.idle_timeout,
+    )
+    .await
+    {
+        tracing::debug!(service = %service.id, error = %e, "response body not forwarded");
+        conn.upbuf.consume(usize::MAX);
+        return Err(Failure::Abort);
+    }
+    if conn.resp.keep_alive && conn.upbuf.is_empty() {
+        ctx.dialer.release(up);
+    }
+    conn.upbuf.consume(usize::MAX);
+    Ok(if close { Next::Close } else { Next::KeepAlive })
+}
+
+async fn dial(
+    ctx: &Rc<WorkerCtx>,
+    key: &PoolKey,
+    timeout: Duration,
+    service: &Service,
+    fresh: bool,
+) -> Result<Upstream, Failure> {
+    let res = if fresh {
+        ctx.dialer.connect(key, timeout).await
+    } else {
+        ctx.dialer.get(key, timeout).await
+    };
+    res.map_err(|e| {
+        tracing::warn!(service = %service.id, error = %e, "cannot reach target");
+        if e.is_timeout() {
+            Failure::Status(ProxyStatus::GatewayTimeout)
+        } else {
+            Failure::Status(ProxyStatus::BadGateway)
+        }
+    })
+}
+
+#[derive(Debug)]
+enum ReadHeadError {
+    /// The target closed or reset before sending any byte.
+    Closed,
+    Timeout,
+    Io,
+    Bad(#[allow(dead_code)] HeadError),
+    Truncated,
+}
+
+/// Reads the target's final response head into `conn.resp`, skipping interim 1xx responses
+/// (the proxy already answered `100 Continue` itself when `expect_handled`).
+async fn read_response_head(
+    up: &mut Upstream,
+    conn: &mut Conn,
+    timeout: Duration,
+) -> Result<(), ReadHeadError> {
+    let deadline = monoio::time::Instant::now() + timeout;
+    let is_head = conn.head.is_head();
+    let mut got_any = !conn.upbuf.is_empty();
+    loop {
+        match conn.resp.parse(conn.upbuf.data(), is_head) {
+            Ok(Some(n)) => {
+                conn.upbuf.consume(n);
+                if (100..200).contains(&conn.resp.status) && conn.resp.status != 101 {
+                    // Interim responses carry no body; the final one follows.
+                    continue;
+                }
+                return Ok(());
+            }
+            Ok(None) => {}
+            Err(e) => return Err(ReadHeadError::Bad(e)),
+        }
+        let n = match monoio::time::timeout_at(deadline, conn.upbuf.fill(&mut up.stream)).await {
+            Err(_) => return Err(ReadHeadError::Timeout),
+            Ok(Err(_)) if !got_any => return Err(ReadHeadError::Closed),
+            Ok(Err(_)) => return Err(ReadHeadError::Io),
+            Ok(Ok(n)) => n,
+        };
+        if n == 0 {
+            return Err(if got_any {
+                ReadHeadError::Truncated
+            } else {
+                ReadHeadError::Closed
+            });
+        }
+        got_any = true;
+    }
+}
+
+/// Sends one of the proxy's own pages; closes when the request body was not read.
+async fn answer<S: AsyncWriteRent>(client: &mut S, conn: &mut Conn, status: ProxyStatus) -> Next {
+    let close = !conn.head.keep_alive || conn.head.framing != Framing::None;
+    responses::error_page(&mut conn.out, status, close, conn.head.is_head());
+    let (res, out) = match monoio::time::timeout(
+        Duration::from_secs(10),
+        write_vec(client, std::mem::take(&mut conn.out)),
+    )
+    .await
+    {
+        Ok(r) => r,
+        Err(_) => return Next::Close,
+    };
+    conn.out = out;
+    if res.is_err() || close {
+        Next::Close
+    } else {
+        Next::KeepAlive
+    }
+}
+
+async fn write_all<S: AsyncWriteRent>(
+    dst: &mut S,
+    bytes: &'static [u8],
+    idle: Duration,
+) -> Result<(), ()> {
+    use monoio::io::AsyncWriteRentExt;
+    match monoio::time::timeout(idle, dst.write_all(bytes)).await {
+        Ok((Ok(_), _)) => Ok(()),
+        _ => Err(()),
+    }
+}

@@ -1,0 +1,122 @@
+//! Responses the proxy writes itself: error pages and redirects. Pages name no internals.
+
+use std::io::Write;
+
+/// The statuses the proxy answers on its own.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ProxyStatus {
+    BadRequest,
+    NotFound,
+    RequestTimeout,
+    HeadersTooLarge,
+    BadGateway,
+    GatewayTimeout,
+    ServiceUnavailable,
+    MethodNotAllowed,
+}
+
+impl ProxyStatus {
+    pub fn code(self) -> u16 {
+        match self {
+            Self::BadRequest => 400,
+            Self::NotFound => 404,
+            Self::MethodNotAllowed => 405,
+            Self::RequestTimeout => 408,
+            Self::HeadersTooLarge => 431,
+            Self::BadGateway => 502,
+            Self::ServiceUnavailable => 503,
+            Self::GatewayTimeout => 504,
+        }
+    }
+
+    fn reason(self) -> &'static str {
+        match self {
+            Self::BadRequest => "Bad Request",
+            Self::NotFound => "Not Found",
+            Self::MethodNotAllowed => "Method Not Allowed",
+            Self::RequestTimeout => "Request Timeout",
+            Self::HeadersTooLarge => "Request Header Fields Too Large",
+            Self::BadGateway => "Bad Gateway",
+            Self::ServiceUnavailable => "Service Unavailable",
+            Self::GatewayTimeout => "Gateway Timeout",
+        }
+    }
+
+    fn explanation(self) -> &'static str {
+        match self {
+            Self::BadRequest => "The request could not be understood.",
+            Self::NotFound => "No service is published at this address.",
+            Self::MethodNotAllowed => "This method is not supported here.",
+            Self::RequestTimeout => "The request took too long to arrive.",
+            Self::HeadersTooLarge => "The request headers are too large.",
+            Self::BadGateway => "The service's target is unreachable or answered badly.",
+            Self::ServiceUnavailable => "The proxy is shutting down. Please retry.",
+            Self::GatewayTimeout => "The service's target did not answer in time.",
+        }
+    }
+}
+
+/// Writes a complete error response into `out`. The connection is closed after it when `close`.
+pub fn error_page(out: &mut Vec<u8>, status: ProxyStatus, close: bool, head_only: bool) {
+    let code = status.code();
+    let reason = status.reason();
+    let body = format!(
+        "<!doctype html><html lang=\"en\"><head><meta charset=\"utf-8\"><title>{code} {reason}</title></head>\
+         <body style=\"font-family:system-ui,sans-serif;max-width:36rem;margin:4rem auto;padding:0 1rem\">\
+         <h1>{code} {reason}</h1><p>{}</p></body></html>\n",
+        status.explanation()
+    );
+    out.clear();
+    let _ = write!(
+        out,
+        "HTTP/1.1 {code} {reason}\r\nContent-Type: text/html; charset=utf-8\r\nContent-Length: {}\r\nCache-Control: no-store\r\nConnection: {}\r\n\r\n",
+        body.len(),
+        if close { "close" } else { "keep-alive" },
+    );
+    if !head_only {
+        out.extend_from_slice(body.as_bytes());
+    }
+}
+
+/// A redirect to `location` (already a valid URL); 301 for GET/HEAD, 308 otherwise so that the
+/// method and body are kept.
+pub fn redirect(out: &mut Vec<u8>, location: &str, safe_method: bool) {
+    let (code, reason) = if safe_method {
+        (301, "Moved Permanently")
+    } else {
+        (308, "Permanent Redirect")
+    };
+    out.clear();
+    let _ = write!(
+        out,
+        "HTTP/1.1 {code} {reason}\r\nLocation: {location}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+    );
+}
+
+pub const CONTINUE_100: &[u8] = b"HTTP/1.1 100 Continue\r\n\r\n";
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn page_has_length_and_no_internals() {
+        let mut out = Vec::new();
+        error_page(&mut out, ProxyStatus::BadGateway, true, false);
+        let text = String::from_utf8(out).unwrap();
+        let (head, body) = text.split_once("\r\n\r\n").unwrap();
+        assert!(head.starts_with("HTTP/1.1 502 Bad Gateway\r\n"));
+        assert!(head.contains(&format!("Content-Length: {}", body.len())));
+        assert!(head.contains("Connection: close"));
+        assert!(!body.contains("127.0.0.1"));
+    }
+
+    #[test]
+    fn head_only_keeps_length() {
+        let mut out = Vec::new();
+        error_page(&mut out, ProxyStatus::NotFound, false, true);
+        let text = String::from_utf8(out).unwrap();
+        assert!(text.ends_with("\r\n\r\n"));
+        assert!(!text.contains("Content-Length: 0"));
+    }
+}

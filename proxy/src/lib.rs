@@ -1,0 +1,18 @@
+//! Portcullis: a reverse proxy that publishes services living inside a WireGuard mesh.
+//!
+//! The folder tree follows the planes: `control` (the thread that reloads configuration and
+//! serves health), `dataplane` (monoio workers), `http` (HTTP/1.1 proxying), `tls`, `routes`.
+
+pub mod cli;
+pub mod config;
+pub mod control;
+pub mod dataplane;
+pub mod health;
+pub mod http;
+pub mod logging;
+pub mod mappings_file;
+pub mod proxy_main;
+pub mod routes;
+pub mod state;
+pub mod tls;
+pub mod up;

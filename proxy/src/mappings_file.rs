@@ -1,0 +1,277 @@
+//! The mappings file: services described in TOML, served without a management server.
+//!
+//! The file is turned into the protocol's own `ProxyMapping`s, so the route table cannot tell
+//! whether a service came from a file or from management.
+
+use std::collections::{BTreeMap, HashSet};
+use std::path::Path;
+use std::time::Duration;
+
+use proto::{PathMapping, PathRewriteMode, PathTargetOptions, ProxyMapping};
+use serde::Deserialize;
+
+#[derive(Debug, thiserror::Error)]
+pub enum MappingsFileError {
+    #[error("cannot read mappings file {path}: {source}")]
+    Read {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("mappings file {path} is not valid TOML for Portcullis: {message}")]
+    Syntax { path: String, message: String },
+    #[error("mappings file {path}: service {service:?}: {message}")]
+    Invalid {
+        path: String,
+        service: String,
+        message: String,
+    },
+}
+
+/// Files larger than this are refused: a mappings file is configuration, not data.
+pub const MAX_FILE_BYTES: u64 = 16 * 1024 * 1024;
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileDoc {
+    #[serde(default, rename = "service")]
+    services: Vec<FileService>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileService {
+    id: String,
+    #[serde(default)]
+    account_id: String,
+    domain: String,
+    #[serde(default)]
+    pass_host_header: bool,
+    #[serde(default)]
+    rewrite_redirects: bool,
+    #[serde(default, rename = "path")]
+    paths: Vec<FilePath>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FilePath {
+    #[serde(default = "root_path")]
+    path: String,
+    target: String,
+    #[serde(default)]
+    skip_tls_verify: bool,
+    #[serde(default)]
+    request_timeout: Option<String>,
+    #[serde(default)]
+    path_rewrite: Option<String>,
+    #[serde(default)]
+    custom_headers: BTreeMap<String, String>,
+}
+
+fn root_path() -> String {
+    "/".to_string()
+}
+
+/// Reads and validates a mappings file.
+pub fn load(path: &Path) -> Result<Vec<ProxyMapping>, MappingsFileError> {
+    let display = path.display().to_string();
+    let read_err = |source| MappingsFileError::Read {
+        path: display.clone(),
+        source,
+    };
+    let len = std::fs::metadata(path).map_err(read_err)?.len();
+    if len > MAX_FILE_BYTES {
+        return Err(MappingsFileError::Syntax {
+            path: display,
+            message: format!("file is {len} bytes, more than the {MAX_FILE_BYTES} allowed"),
+        });
+    }
+    let text = std::fs::read_to_string(path).map_err(read_err)?;
+    parse_str(&text, &display)
+}
+
+/// Parses mappings-file text; `origin` names the source in error messages.
+pub fn parse_str(text: &str, origin: &str) -> Result<Vec<ProxyMapping>, MappingsFileError> {
+    let doc: FileDoc = toml::from_str(text).map_err(|e| MappingsFileError::Syntax {
+        path: origin.to_string(),
+        message: e.to_string(),
+    })?;
+    let mut ids = HashSet::new();
+    let mut domains = HashSet::new();
+    let mut out = Vec::with_capacity(doc.services.len());
+    for svc in doc.services {
+        let invalid = |message: String| MappingsFileError::Invalid {
+            path: origin.to_string(),
+            service: svc.id.clone(),
+            message,
+        };
+        if svc.id.trim().is_empty() {
+            return Err(invalid("`id` must not be empty".to_string()));
+        }
+        if !ids.insert(svc.id.clone()) {
+            return Err(invalid(
+                "the same id is used by another service".to_string(),
+            ));
+        }
+        let domain = svc.domain.trim().trim_end_matches('.').to_ascii_lowercase();
+        crate::routes::validate_domain(&domain).map_err(|m| invalid(m.to_string()))?;
+        if !domains.insert(domain.clone()) {
+            return Err(invalid(format!(
+                "domain {domain} is already used by another service"
+            )));
+        }
+        if svc.paths.is_empty() {
+            return Err(invalid(
+                "at least one [[service.path]] with a target is needed".to_string(),
+            ));
+        }
+        let mut seen_paths = HashSet::new();
+        let mut paths = Vec::with_capacity(svc.paths.len());
+        for p in &svc.paths {
+            if !seen_paths.insert(p.path.as_str()) {
+                return Err(invalid(format!("path {:?} is listed twice", p.path)));
+            }
+            paths.push(to_path_mapping(p).map_err(invalid)?);
+        }
+        let mapping = ProxyMapping {
+            id: svc.id.clone(),
+            account_id: svc.account_id.clone(),
+            domain,
+            path: paths,
+            pass_host_header: svc.pass_host_header,
+            rewrite_redirects: svc.rewrite_redirects,
+            mode: "http".to_string(),
+            ..Default::default()
+        };
+        // Catch every error the route builder would raise, so a bad file never half-applies.
+        crate::routes::Service::from_mapping(&mapping).map_err(|e| invalid(e.to_string()))?;
+        out.push(mapping);
+    }
+    Ok(out)
+}
+
+fn to_path_mapping(p: &FilePath) -> Result<PathMapping, String> {
+    let request_timeout = match &p.request_timeout {
+        None => None,
+        Some(s) => {
+            let d: Duration = humantime::parse_duration(s)
+                .map_err(|e| format!("request_timeout {s:?} is not a duration: {e}"))?;
+            Some(prost_types_duration(d))
+        }
+    };
+    let path_rewrite = match p.path_rewrite.as_deref() {
+        None | Some("default") | Some("strip") => PathRewriteMode::PathRewriteDefault,
+        Some("preserve") => PathRewriteMode::PathRewritePreserve,
+        Some(other) => {
+            return Err(format!(
+                "path_rewrite {other:?} must be \"strip\" (the default) or \"preserve\""
+            ));
+        }
+    };
+    Ok(PathMapping {
+        path: p.path.clone(),
+        target: p.target.clone(),
+        options: Some(PathTargetOptions {
+            skip_tls_verify: p.skip_tls_verify,
+            request_timeout,
+            path_rewrite: path_rewrite as i32,
+            custom_headers: p.custom_headers.clone().into_iter().collect(),
+            ..Default::default()
+        }),
+    })
+}
+
+fn prost_types_duration(d: Duration) -> prost_types::Duration {
+    prost_types::Duration {
+        seconds: i64::try_from(d.as_secs()).unwrap_or(i64::MAX),
+        nanos: i32::try_from(d.subsec_nanos()).unwrap_or(0),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GOOD: &str = r#"
+[[service]]
+id = "app"
+domain = "App.Example.com."
+rewrite_redirects = true
+
+[[service.path]]
+path = "/"
+target = "http://127.0.0.1:8080"
+
+[[service.path]]
+path = "/api"
+target = "https://10.0.0.2:8443/v1"
+skip_tls_verify = true
+request_timeout = "5s"
+path_rewrite = "preserve"
+custom_headers = { "X-Env" = "prod" }
+"#;
+
+    #[test]
+    fn parses_into_protocol_mappings() {
+        let m = parse_str(GOOD, "test").unwrap();
+        assert_eq!(m.len(), 1);
+        assert_eq!(m[0].domain, "app.example.com");
+        assert!(m[0].rewrite_redirects);
+        let api = &m[0].path[1];
+        let opts = api.options.as_ref().unwrap();
+        assert_eq!(
+            opts.path_rewrite,
+            PathRewriteMode::PathRewritePreserve as i32
+        );
+        assert_eq!(opts.request_timeout.as_ref().unwrap().seconds, 5);
+        assert_eq!(opts.custom_headers["X-Env"], "prod");
+    }
+
+    #[test]
+    fn unknown_keys_are_errors() {
+        let e = parse_str("[[service]]\nid='a'\ndomain='a.b'\ntypo=1\n", "f").unwrap_err();
+        assert!(e.to_string().contains("typo"), "{e}");
+    }
+
+    #[test]
+    fn duplicate_domains_and_ids_are_errors() {
+        let one = "[[service]]\nid='a'\ndomain='a.example'\n[[service.path]]\ntarget='http://127.0.0.1:1'\n";
+        let dup_id = format!("{one}{}", one.replace("a.example", "b.example"));
+        assert!(
+            parse_str(&dup_id, "f")
+                .unwrap_err()
+                .to_string()
+                .contains("id")
+        );
+        let dup_domain = format!("{one}{}", one.replace("id='a'", "id='b'"));
+        assert!(
+            parse_str(&dup_domain, "f")
+                .unwrap_err()
+                .to_string()
+                .contains("already used")
+        );
+    }
+
+    #[test]
+    fn bad_targets_name_the_service() {
+        let text = "[[service]]\nid='x'\ndomain='x.example'\n[[service.path]]\ntarget='ftp://h'\n";
+        let e = parse_str(text, "f").unwrap_err().to_string();
+        assert!(e.contains("\"x\""), "{e}");
+    }
+
+    #[test]
+    fn garbage_never_panics() {
+        let mut seed = 0x1234_5678_u64;
+        for len in 0..400 {
+            let bytes: Vec<u8> = (0..len)
+                .map(|_| {
+                    seed ^= seed << 13;
+                    seed ^= seed >> 7;
+                    seed ^= seed << 17;
+                    GOOD.as_bytes()[(seed as usize) % GOOD.len()]
+                })
+                .collect();
+            let _ = parse_str(&String::from_utf8_lossy(&bytes), "fuzz");
+        }
+    }
+}

@@ -1,0 +1,161 @@
+//! `portcullis proxy`: wires configuration, certificates, routes, workers and the control thread.
+
+use std::sync::Arc;
+
+use crate::cli::ProxyArgs;
+use crate::config::{ConfigError, ProxyConfig};
+use crate::dataplane::listener::{self, ListenError};
+use crate::dataplane::{self, WorkerError};
+use crate::mappings_file::MappingsFileError;
+use crate::routes::RouteTable;
+use crate::state::Shared;
+use crate::tls::{self, CertLoader, SniResolver, TlsSetupError, UpstreamTls};
+
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    #[error(transparent)]
+    Mappings(#[from] MappingsFileError),
+    #[error(transparent)]
+    Listen(#[from] ListenError),
+    #[error(transparent)]
+    Tls(#[from] TlsSetupError),
+    #[error(transparent)]
+    Worker(#[from] WorkerError),
+    #[error("cannot serve health probes on {addr} (NB_PROXY_HEALTH_ADDRESS): {source}")]
+    Health {
+        addr: String,
+        source: std::io::Error,
+    },
+    #[error("cannot start the control runtime: {0}")]
+    Runtime(std::io::Error),
+}
+
+/// Runs a proxy until SIGTERM/SIGINT; returns the exit code.
+pub fn run(args: &ProxyArgs) -> Result<i32, StartError> {
+    let config = ProxyConfig::from_args(args)?;
+    for name in args.not_yet.set_names() {
+        tracing::warn!(
+            setting = name,
+            "this setting is accepted but not acted on yet"
+        );
+    }
+    if args.token.is_some() {
+        tracing::warn!(
+            management = %args.management_address,
+            "NB_PROXY_TOKEN is set, but this build does not connect to a management server yet; \
+             only NB_PROXY_MAPPINGS_FILE services are served"
+        );
+    }
+    if config.mappings_file.is_none() {
+        tracing::warn!("no NB_PROXY_MAPPINGS_FILE given: no services are served");
+    }
+
+    let max_connections = connection_limit(config.max_connections);
+    let mut certs = CertLoader::new(
+        config.cert_dir.clone(),
+        config.cert_file.clone(),
+        config.cert_key_file.clone(),
+        config.wildcard_cert_dir.clone(),
+    );
+    let scan = certs.scan();
+    for e in &scan.errors {
+        tracing::error!(error = %e, "certificate not loaded");
+    }
+    if !scan.store.has_default() && scan.store.name_count() == 0 {
+        tracing::warn!(
+            dir = %config.cert_dir.display(),
+            "no certificate found: TLS handshakes will fail until one is added"
+        );
+    }
+    let resolver = Arc::new(SniResolver::new(scan.store));
+    let routes = match &config.mappings_file {
+        Some(path) => {
+            let mappings = crate::mappings_file::load(path)?;
+            let (table, report) = RouteTable::build(&mappings);
+            for (id, err) in &report.skipped {
+                tracing::error!(service = %id, error = %err, "service not served");
+            }
+            table
+        }
+        None => RouteTable::default(),
+    };
+    let server_tls = tls::server_config(resolver.clone())?;
+    let upstream_tls = UpstreamTls::new()?;
+
+    let bound = listener::bind_all(config.workers, config.https_listen, config.http_listen)?;
+    let health_std = std::net::TcpListener::bind(config.health_listen.as_str())
+        .and_then(|l| l.set_nonblocking(true).map(|_| l))
+        .map_err(|source| StartError::Health {
+            addr: config.health_listen.clone(),
+            source,
+        })?;
+
+    tracing::info!(
+        https = %config.https_listen,
+        http = ?config.http_listen,
+        health = %config.health_listen,
+        workers = config.workers,
+        services = routes.len(),
+        max_connections,
+        "starting proxy"
+    );
+    let shared = Arc::new(Shared::new(
+        config,
+        routes,
+        resolver,
+        server_tls,
+        max_connections,
+    ));
+    let _workers = dataplane::start(shared.clone(), bound, upstream_tls)?;
+    tracing::info!(
+        io_driver = shared.status.io_driver.get().copied().unwrap_or("?"),
+        "proxy ready"
+    );
+
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .thread_name("portcullis-control")
+        .build()
+        .map_err(StartError::Runtime)?;
+    let code = rt.block_on(async move {
+        let health = match tokio::net::TcpListener::from_std(health_std) {
+            Ok(l) => l,
+            Err(e) => {
+                tracing::error!(error = %e, "cannot serve health probes");
+                return 1;
+            }
+        };
+        crate::control::run(shared, certs, health).await
+    });
+    Ok(code)
+}
+
+/// The configured limit, or one derived from the open-file limit (each proxied connection needs
+/// a client and a target descriptor). The soft limit is raised to the hard one first.
+fn connection_limit(configured: usize) -> usize {
+    use nix::sys::resource::{Resource, getrlimit, setrlimit};
+    let (soft, hard) = getrlimit(Resource::RLIMIT_NOFILE).unwrap_or((1024, 1024));
+    let soft = if soft < hard && setrlimit(Resource::RLIMIT_NOFILE, hard, hard).is_ok() {
+        hard
+    } else {
+        soft
+    };
+    let derived = usize::try_from(soft.saturating_sub(128) / 2)
+        .unwrap_or(usize::MAX)
+        .max(16);
+    if configured == 0 {
+        derived
+    } else {
+        if configured > derived {
+            tracing::warn!(
+                configured,
+                open_file_limit = soft,
+                "NB_PROXY_MAX_CONNECTIONS is above what the open-file limit allows; \
+                 connections beyond it will fail with 'too many open files'"
+            );
+        }
+        configured
+    }
+}

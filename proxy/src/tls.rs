@@ -1,0 +1,39 @@
+//! TLS: rustls server configuration with SNI certificate selection, and client configurations
+//! for https targets.
+
+mod cert_store;
+mod client;
+mod resolver;
+
+use std::sync::Arc;
+
+pub use cert_store::{CertLoader, CertStore};
+pub use client::UpstreamTls;
+pub use resolver::SniResolver;
+
+#[derive(Debug, thiserror::Error)]
+pub enum TlsSetupError {
+    #[error("TLS setup failed: {0}")]
+    Rustls(#[from] rustls::Error),
+}
+
+/// ALPN protocols offered to clients (HTTP/2 comes later).
+pub const ALPN_HTTP1: &[u8] = b"http/1.1";
+
+pub fn crypto_provider() -> Arc<rustls::crypto::CryptoProvider> {
+    Arc::new(rustls::crypto::ring::default_provider())
+}
+
+/// Server configuration shared by every worker; certificates come from the resolver, which
+/// reloads them without touching open connections.
+pub fn server_config(
+    resolver: Arc<SniResolver>,
+) -> Result<Arc<rustls::ServerConfig>, TlsSetupError> {
+    let mut cfg = rustls::ServerConfig::builder_with_provider(crypto_provider())
+        .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])?
+        .with_no_client_auth()
+        .with_cert_resolver(resolver);
+    cfg.alpn_protocols = vec![ALPN_HTTP1.to_vec()];
+    cfg.ticketer = rustls::crypto::ring::Ticketer::new()?;
+    Ok(Arc::new(cfg))
+}

@@ -1,0 +1,89 @@
+//! Client TLS configurations for https targets: one verifying against the system roots, one that
+//! skips verification for targets whose mapping sets `skip_tls_verify`.
+
+use std::sync::Arc;
+
+use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
+use rustls::{ClientConfig, DigitallySignedStruct, SignatureScheme};
+
+use super::{ALPN_HTTP1, TlsSetupError, crypto_provider};
+
+#[derive(Clone)]
+pub struct UpstreamTls {
+    pub verified: Arc<ClientConfig>,
+    pub unverified: Arc<ClientConfig>,
+}
+
+impl UpstreamTls {
+    pub fn new() -> Result<Self, TlsSetupError> {
+        let mut roots = rustls::RootCertStore::empty();
+        let native = rustls_native_certs::load_native_certs();
+        for err in &native.errors {
+            tracing::warn!(error = %err, "could not read a system CA certificate");
+        }
+        let (added, ignored) = roots.add_parsable_certificates(native.certs);
+        tracing::debug!(added, ignored, "system CA certificates for https targets");
+        let provider = crypto_provider();
+        let mut verified = ClientConfig::builder_with_provider(provider.clone())
+            .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])?
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+        verified.alpn_protocols = vec![ALPN_HTTP1.to_vec()];
+        let mut unverified = ClientConfig::builder_with_provider(provider.clone())
+            .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])?
+            .dangerous()
+            .with_custom_certificate_verifier(Arc::new(AcceptAnyCertificate {
+                schemes: provider
+                    .signature_verification_algorithms
+                    .supported_schemes(),
+            }))
+            .with_no_client_auth();
+        unverified.alpn_protocols = vec![ALPN_HTTP1.to_vec()];
+        Ok(Self {
+            verified: Arc::new(verified),
+            unverified: Arc::new(unverified),
+        })
+    }
+}
+
+/// Accepts any server certificate: only for targets explicitly marked `skip_tls_verify`.
+#[derive(Debug)]
+struct AcceptAnyCertificate {
+    schemes: Vec<SignatureScheme>,
+}
+
+impl ServerCertVerifier for AcceptAnyCertificate {
+    fn verify_server_cert(
+        &self,
+        _end_entity: &CertificateDer<'_>,
+        _intermediates: &[CertificateDer<'_>],
+        _server_name: &ServerName<'_>,
+        _ocsp_response: &[u8],
+        _now: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        Ok(ServerCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        _message: &[u8],
+        _cert: &CertificateDer<'_>,
+        _dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        Ok(HandshakeSignatureValid::assertion())
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        _message: &[u8],
+        _cert: &CertificateDer<'_>,
+        _dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        Ok(HandshakeSignatureValid::assertion())
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.schemes.clone()
+    }
+}

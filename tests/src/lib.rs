@@ -1,0 +1,6 @@
+//! Helpers for Portcullis end-to-end tests: real target servers, certificates, process control.
+
+pub mod backend;
+pub mod certs;
+pub mod client;
+pub mod proxy;

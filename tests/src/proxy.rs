@@ -1,0 +1,265 @@
+//! Starts the real `portcullis` binary for a test and stops it by PID, also on failure.
+
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::{Duration, Instant};
+
+use nix::sys::signal::{Signal, kill};
+use nix::unistd::Pid;
+
+use crate::certs::{TestCa, atomic_write};
+
+/// Path of the proxy binary: `PORTCULLIS_BIN`, else next to the test executable's profile dir.
+pub fn binary() -> PathBuf {
+    if let Some(p) = std::env::var_os("PORTCULLIS_BIN") {
+        return PathBuf::from(p);
+    }
+    let exe = std::env::current_exe().expect("current exe");
+    // target/<profile>/deps/<test> → target/<profile>/portcullis
+    let profile_dir = exe
+        .parent()
+        .and_then(Path::parent)
+        .expect("test binary lives in target/<profile>/deps");
+    let bin = profile_dir.join("portcullis");
+    assert!(
+        bin.exists(),
+        "{} not found: build it first (`cargo build -p proxy` with the same profile, or `cargo xtask test`)",
+        bin.display()
+    );
+    bin
+}
+
+/// A port that was free a moment ago.
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("free port")
+}
+
+/// A fresh directory for one test; removed when dropped.
+pub struct TestDir(pub PathBuf);
+
+impl TestDir {
+    pub fn new(label: &str) -> TestDir {
+        static N: AtomicU32 = AtomicU32::new(0);
+        let dir = std::env::temp_dir().join(format!(
+            "portcullis-test-{}-{}-{}",
+            std::process::id(),
+            N.fetch_add(1, Ordering::Relaxed),
+            label
+        ));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).expect("test dir");
+        TestDir(dir)
+    }
+}
+
+impl Drop for TestDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+pub struct ProxyOptions {
+    pub mappings: String,
+    /// Names the default certificate covers.
+    pub cert_names: Vec<String>,
+    pub env: Vec<(String, String)>,
+    pub workers: usize,
+    pub http_listener: bool,
+}
+
+impl ProxyOptions {
+    pub fn new(mappings: impl Into<String>) -> Self {
+        Self {
+            mappings: mappings.into(),
+            cert_names: vec!["*.test.internal".into(), "localhost".into()],
+            env: Vec::new(),
+            workers: 2,
+            http_listener: false,
+        }
+    }
+
+    pub fn env(mut self, k: &str, v: &str) -> Self {
+        self.env.push((k.to_string(), v.to_string()));
+        self
+    }
+}
+
+/// A running proxy.
+pub struct Proxy {
+    child: Option<Child>,
+    pub pid: u32,
+    pub dir: TestDir,
+    pub ca: TestCa,
+    pub https_port: u16,
+    pub http_port: u16,
+    pub health_port: u16,
+    pub log: PathBuf,
+}
+
+impl Proxy {
+    pub fn start(opts: ProxyOptions) -> Proxy {
+        let dir = TestDir::new("proxy");
+        let ca = TestCa::new();
+        let certs = dir.0.join("certs");
+        let names: Vec<&str> = opts.cert_names.iter().map(String::as_str).collect();
+        ca.write_leaf(&certs, "tls", &ca.leaf(&names));
+        std::fs::write(dir.0.join("ca.pem"), &ca.pem).expect("ca file");
+        let mappings = dir.0.join("mappings.toml");
+        atomic_write(&mappings, opts.mappings.as_bytes());
+        let https_port = free_port();
+        let http_port = free_port();
+        let health_port = free_port();
+        let log = dir.0.join("proxy.log");
+        let log_file = std::fs::File::create(&log).expect("log file");
+        let mut cmd = Command::new(binary());
+        cmd.arg("proxy")
+            .env_remove("NB_PROXY_TOKEN")
+            .env("NB_PROXY_ADDRESS", format!("127.0.0.1:{https_port}"))
+            .env(
+                "NB_PROXY_HTTP_ADDRESS",
+                if opts.http_listener {
+                    format!("127.0.0.1:{http_port}")
+                } else {
+                    "off".to_string()
+                },
+            )
+            .env(
+                "NB_PROXY_HEALTH_ADDRESS",
+                format!("127.0.0.1:{health_port}"),
+            )
+            .env("NB_PROXY_CERTIFICATE_DIRECTORY", &certs)
+            .env("NB_PROXY_MAPPINGS_FILE", &mappings)
+            .env("NB_PROXY_WORKERS", opts.workers.to_string())
+            .env("NB_PROXY_RELOAD_INTERVAL", "200ms")
+            .env("NB_PROXY_LOG_LEVEL", "debug")
+            .stdin(Stdio::null())
+            .stdout(log_file.try_clone().expect("log file"))
+            .stderr(log_file);
+        for (k, v) in &opts.env {
+            cmd.env(k, v);
+        }
+        let child = cmd.spawn().expect("start portcullis");
+        let pid = child.id();
+        let proxy = Proxy {
+            child: Some(child),
+            pid,
+            dir,
+            ca,
+            https_port,
+            http_port,
+            health_port,
+            log,
+        };
+        proxy.wait_healthy();
+        proxy
+    }
+
+    fn wait_healthy(&self) {
+        let deadline = Instant::now() + Duration::from_secs(15);
+        while Instant::now() < deadline {
+            if let Some(h) = self.try_health()
+                && h["status"] == "ok"
+            {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        panic!("proxy did not become healthy; log:\n{}", self.log_text());
+    }
+
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    pub fn ca_path(&self) -> PathBuf {
+        self.dir.0.join("ca.pem")
+    }
+
+    pub fn cert_dir(&self) -> PathBuf {
+        self.dir.0.join("certs")
+    }
+
+    /// Replaces the mappings file atomically.
+    pub fn write_mappings(&self, toml: &str) {
+        atomic_write(&self.dir.0.join("mappings.toml"), toml.as_bytes());
+    }
+
+    pub fn try_health(&self) -> Option<serde_json::Value> {
+        let body = crate::client::plain_get(("127.0.0.1", self.health_port), "/healthz").ok()?;
+        serde_json::from_slice(&body).ok()
+    }
+
+    pub fn health(&self) -> serde_json::Value {
+        self.try_health().expect("health endpoint answers")
+    }
+
+    /// Waits (bounded) until the route table generation moves past `gen`.
+    pub fn wait_table_generation_above(&self, generation: u64) {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while Instant::now() < deadline {
+            if self.health()["route_table_generation"]
+                .as_u64()
+                .unwrap_or(0)
+                > generation
+            {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        panic!("mappings were not reloaded; log:\n{}", self.log_text());
+    }
+
+    /// Peak resident memory of the proxy process so far, in KiB (VmHWM).
+    pub fn peak_rss_kib(&self) -> u64 {
+        let status =
+            std::fs::read_to_string(format!("/proc/{}/status", self.pid)).expect("proc status");
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmHWM:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+            .expect("VmHWM")
+    }
+
+    /// Sends SIGTERM and waits (bounded) for the exit status.
+    pub fn terminate(&mut self, within: Duration) -> ExitStatus {
+        let _ = kill(Pid::from_raw(self.pid as i32), Signal::SIGTERM);
+        let mut child = self.child.take().expect("running");
+        let deadline = Instant::now() + within;
+        loop {
+            if let Ok(Some(status)) = child.try_wait() {
+                return status;
+            }
+            if Instant::now() >= deadline {
+                let _ = child.kill();
+                let _ = child.wait();
+                panic!("proxy did not exit within {within:?} after SIGTERM");
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    pub fn url(&self, host: &str, path: &str) -> String {
+        format!("https://{host}:{}{path}", self.https_port)
+    }
+}
+
+impl Drop for Proxy {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = kill(Pid::from_raw(self.pid as i32), Signal::SIGKILL);
+            let _ = child.wait();
+        }
+        if std::thread::panicking() {
+            eprintln!(
+                "--- proxy log ({}) ---\n{}",
+                self.log.display(),
+                self.log_text()
+            );
+        }
+    }
+}

@@ -1,0 +1,198 @@
+//! `cargo xtask …`: project chores that need more than cargo alone.
+//!
+//! - `test`: installs what the tests need, checks formatting and lints, builds, runs every tier.
+//! - `fuzz [SECONDS]`: runs each fuzz target for a while (installs cargo-fuzz on first use).
+//! - `up`: builds and runs `portcullis up`.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, ExitCode};
+use std::time::Instant;
+
+use anyhow::{Context, Result, bail};
+
+/// Debian packages the test tiers use.
+const APT_PACKAGES: &[(&str, &str)] = &[
+    ("curl", "curl"),
+    ("ca-certificates", "update-ca-certificates"),
+];
+
+fn main() -> ExitCode {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let result = match args.first().map(String::as_str) {
+        Some("test") => test(&args[1..]),
+        Some("fuzz") => fuzz(&args[1..]),
+        Some("up") => up(&args[1..]),
+        _ => {
+            eprintln!(
+                "usage: cargo xtask <command>\n\n\
+                 commands:\n  \
+                 test [--skip-lint]   install test dependencies, check fmt + clippy, build, run all tests\n  \
+                 fuzz [SECONDS]       run every fuzz target for SECONDS each (default 60; needs nightly)\n  \
+                 up [ARGS]            build in release and run `portcullis up`"
+            );
+            return ExitCode::from(2);
+        }
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("xtask: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("xtask lives in the workspace")
+        .to_path_buf()
+}
+
+fn cargo() -> Command {
+    let mut c = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
+    c.current_dir(root());
+    c
+}
+
+fn run(what: &str, cmd: &mut Command) -> Result<()> {
+    let started = Instant::now();
+    eprintln!("==> {what}");
+    let status = cmd
+        .status()
+        .with_context(|| format!("cannot run: {what}"))?;
+    eprintln!("    {what}: {:.0?}", started.elapsed());
+    if !status.success() {
+        bail!("{what} failed ({status})");
+    }
+    Ok(())
+}
+
+fn have(program: &str) -> bool {
+    Command::new("sh")
+        .args(["-c", &format!("command -v {program} >/dev/null 2>&1")])
+        .status()
+        .is_ok_and(|s| s.success())
+}
+
+fn is_root() -> bool {
+    nix_uid() == 0
+}
+
+fn nix_uid() -> u32 {
+    Command::new("id")
+        .arg("-u")
+        .output()
+        .ok()
+        .and_then(|o| String::from_utf8(o.stdout).ok())
+        .and_then(|s| s.trim().parse().ok())
+        .unwrap_or(u32::MAX)
+}
+
+/// Installs missing Debian packages; idempotent, and a no-op when everything is there.
+fn ensure_apt(packages: &[(&str, &str)]) -> Result<()> {
+    let missing: Vec<&str> = packages
+        .iter()
+        .filter(|(_, probe)| !have(probe))
+        .map(|(pkg, _)| *pkg)
+        .collect();
+    if missing.is_empty() {
+        return Ok(());
+    }
+    if !is_root() {
+        bail!(
+            "missing packages {missing:?}: install them (apt-get install {}) or run as root",
+            missing.join(" ")
+        );
+    }
+    run(
+        "apt-get update",
+        Command::new("apt-get").args(["update", "-qq"]),
+    )?;
+    run(
+        &format!("apt-get install {}", missing.join(" ")),
+        Command::new("apt-get")
+            .args(["install", "-y", "-qq", "--no-install-recommends"])
+            .args(&missing)
+            .env("DEBIAN_FRONTEND", "noninteractive"),
+    )
+}
+
+fn test(args: &[String]) -> Result<()> {
+    let skip_lint = args.iter().any(|a| a == "--skip-lint");
+    let started = Instant::now();
+    ensure_apt(APT_PACKAGES)?;
+    if !skip_lint {
+        run(
+            "cargo fmt --check",
+            cargo().args(["fmt", "--all", "--", "--check"]),
+        )?;
+        run(
+            "cargo clippy",
+            cargo().args([
+                "clippy",
+                "--workspace",
+                "--all-targets",
+                "--",
+                "-D",
+                "warnings",
+            ]),
+        )?;
+    }
+    run(
+        "cargo build --release (portcullis)",
+        cargo().args(["build", "--release", "-p", "proxy", "--bin", "portcullis"]),
+    )?;
+    let bin = root().join("target/release/portcullis");
+    run(
+        "cargo test --release (unit and end-to-end tiers)",
+        cargo()
+            .args(["test", "--release", "--workspace", "--no-fail-fast"])
+            .env("PORTCULLIS_BIN", &bin)
+            .env("RUST_BACKTRACE", "1"),
+    )?;
+    eprintln!("==> all test tiers passed in {:.0?}", started.elapsed());
+    Ok(())
+}
+
+fn fuzz(args: &[String]) -> Result<()> {
+    let seconds: u64 = match args.first() {
+        Some(s) => s.parse().context("fuzz: SECONDS must be a number")?,
+        None => 60,
+    };
+    if !have("cargo-fuzz") {
+        run(
+            "cargo install cargo-fuzz",
+            cargo().args(["install", "cargo-fuzz", "--locked"]),
+        )?;
+    }
+    for target in ["request_head", "chunked_body", "mappings_file"] {
+        run(
+            &format!("fuzz {target} for {seconds}s"),
+            // `+nightly` is understood by the rustup proxy, not by the toolchain's own cargo.
+            Command::new("cargo")
+                .args(["+nightly", "fuzz", "run", target, "--"])
+                .arg(format!("-max_total_time={seconds}"))
+                .current_dir(root().join("fuzz")),
+        )?;
+    }
+    Ok(())
+}
+
+fn up(args: &[String]) -> Result<()> {
+    run(
+        "portcullis up",
+        cargo()
+            .args([
+                "run",
+                "--release",
+                "-p",
+                "proxy",
+                "--bin",
+                "portcullis",
+                "--",
+                "up",
+            ])
+            .args(args),
+    )
+}
