@@ -140,8 +140,10 @@ fn test(args: &[String]) -> Result<()> {
         )?;
     }
     run(
-        "cargo build --release (portcullis)",
-        cargo().args(["build", "--release", "-p", "proxy", "--bin", "portcullis"]),
+        "cargo build --release",
+        // The same package selection as the test run below, so features unify the same way
+        // and nothing is compiled twice.
+        cargo().args(["build", "--release", "--workspace"]),
     )?;
     let bin = root().join("target/release/portcullis");
     run(
