@@ -17,8 +17,11 @@ pub enum TlsSetupError {
     Rustls(#[from] rustls::Error),
 }
 
-/// ALPN protocols offered to clients (HTTP/2 comes later).
+/// ALPN protocol used towards targets, and preferred with clients (HTTP/2 comes later).
 pub const ALPN_HTTP1: &[u8] = b"http/1.1";
+/// Also accepted from clients: without it, a client that offers only `http/1.0` (curl
+/// --http1.0) would fail the handshake with no_application_protocol.
+pub const ALPN_HTTP10: &[u8] = b"http/1.0";
 
 pub fn crypto_provider() -> Arc<rustls::crypto::CryptoProvider> {
     Arc::new(rustls::crypto::ring::default_provider())
@@ -33,7 +36,7 @@ pub fn server_config(
         .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])?
         .with_no_client_auth()
         .with_cert_resolver(resolver);
-    cfg.alpn_protocols = vec![ALPN_HTTP1.to_vec()];
+    cfg.alpn_protocols = vec![ALPN_HTTP1.to_vec(), ALPN_HTTP10.to_vec()];
     cfg.ticketer = rustls::crypto::ring::Ticketer::new()?;
     Ok(Arc::new(cfg))
 }

@@ -710,6 +710,26 @@ fn respond(
             }
             None => bad(stream, "big needs ?bytes=N"),
         },
+        // `/chunked?parts=N`: N chunks "part-<i>;" in chunked framing (always HTTP/1.1 framing,
+        // whatever the request, as many real servers do behind a proxy).
+        "/chunked" => match query_param(query, "parts").and_then(|n| n.parse::<u32>().ok()) {
+            Some(parts) => {
+                let headers = [
+                    ("Content-Type", "text/plain"),
+                    ("Transfer-Encoding", "chunked"),
+                ];
+                write_head(stream, &shared.name, 200, &headers, None, close)?;
+                if !head_only {
+                    for i in 0..parts.min(10_000) {
+                        let piece = format!("part-{i};");
+                        stream.write_all(format!("{:x}\r\n{piece}\r\n", piece.len()).as_bytes())?;
+                    }
+                    stream.write_all(b"0\r\n\r\n")?;
+                }
+                Ok(())
+            }
+            None => bad(stream, "chunked needs ?parts=N"),
+        },
         _ => echo(stream, 200),
     }
 }

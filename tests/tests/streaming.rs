@@ -129,3 +129,32 @@ fn websocket_echo_through_the_proxy() {
     assert_eq!(echoed.into_data().as_ref(), big.as_slice());
     let _ = ws.close(None);
 }
+
+#[test]
+fn chunked_responses_reach_http11_and_http10_clients() {
+    let t = Backend::start("ch");
+    let proxy = Proxy::start(ProxyOptions::new(one_service("ch", t.port())));
+    let expected: String = (0..300).map(|i| format!("part-{i};")).collect();
+    let r = curl(
+        &proxy.ca_path(),
+        "ch.test.internal",
+        proxy.https_port,
+        "/chunked?parts=300",
+        &[],
+    );
+    assert_eq!(r.status, 200);
+    assert_eq!(r.header("transfer-encoding"), Some("chunked"));
+    assert_eq!(r.text(), expected);
+    // An HTTP/1.0 client cannot read chunked framing: it gets the payload, ended by close.
+    let r = curl(
+        &proxy.ca_path(),
+        "ch.test.internal",
+        proxy.https_port,
+        "/chunked?parts=300",
+        &["--http1.0"],
+    );
+    assert_eq!(r.status, 200);
+    assert_eq!(r.header("transfer-encoding"), None);
+    assert_eq!(r.header("connection"), Some("close"));
+    assert_eq!(r.text(), expected);
+}

@@ -37,12 +37,38 @@ impl BodyError {
     }
 }
 
-/// Copies one body; returns the number of bytes moved (framing included for chunked bodies).
+/// How a body is written out.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Output {
+    /// Byte for byte, framing included.
+    AsIs,
+    /// Chunk payload only, for a receiver that cannot take chunked framing (an HTTP/1.0
+    /// client); the connection then ends the body.
+    Dechunked,
+}
+
+/// Copies one body; returns the number of bytes written.
 pub async fn copy<R, W>(
     src: &mut R,
     buf: &mut InBuf,
     dst: &mut W,
     framing: Framing,
+    idle: Duration,
+) -> Result<u64, BodyError>
+where
+    R: AsyncReadRent,
+    W: AsyncWriteRent,
+{
+    copy_as(src, buf, dst, framing, Output::AsIs, idle).await
+}
+
+/// `copy`, choosing how chunked bodies are written.
+pub async fn copy_as<R, W>(
+    src: &mut R,
+    buf: &mut InBuf,
+    dst: &mut W,
+    framing: Framing,
+    output: Output,
     idle: Duration,
 ) -> Result<u64, BodyError>
 where
@@ -67,13 +93,27 @@ where
         }
         Framing::Chunked => {
             let mut decoder = ChunkedDecoder::new();
+            let mut runs: Vec<std::ops::Range<usize>> = Vec::new();
             while !decoder.is_done() {
                 if buf.is_empty() && read_some(src, buf, idle).await? == 0 {
                     return Err(BodyError::Truncated);
                 }
-                let n = decoder.feed(buf.data())?;
-                write_some(dst, buf, n, idle).await?;
-                moved += n as u64;
+                if output == Output::AsIs {
+                    let n = decoder.feed(buf.data())?;
+                    write_some(dst, buf, n, idle).await?;
+                    moved += n as u64;
+                    continue;
+                }
+                runs.clear();
+                let n = decoder.feed_with(buf.data(), |r| runs.push(r))?;
+                let mut cursor = 0;
+                for run in &runs {
+                    buf.consume(run.start - cursor);
+                    write_some(dst, buf, run.len(), idle).await?;
+                    moved += run.len() as u64;
+                    cursor = run.end;
+                }
+                buf.consume(n - cursor);
             }
         }
         Framing::UntilClose => loop {

@@ -72,6 +72,16 @@ impl ChunkedDecoder {
     /// Walks `data`; returns how many bytes belong to the body. When the body ends inside
     /// `data`, the returned count stops there and `is_done()` turns true.
     pub fn feed(&mut self, data: &[u8]) -> Result<usize, ChunkError> {
+        self.feed_with(data, |_| {})
+    }
+
+    /// Like `feed`, and reports each run of chunk payload (without framing) in `data` to
+    /// `payload`, in order: what a de-chunking reader passes on.
+    pub fn feed_with(
+        &mut self,
+        data: &[u8],
+        mut payload: impl FnMut(std::ops::Range<usize>),
+    ) -> Result<usize, ChunkError> {
         let mut i = 0;
         while i < data.len() && self.state != State::Done {
             if self.state == State::Data {
@@ -79,6 +89,7 @@ impl ChunkedDecoder {
                 let take = usize::try_from(self.size)
                     .unwrap_or(usize::MAX)
                     .min(data.len() - i);
+                payload(i..i + take);
                 i += take;
                 self.size -= take as u64;
                 if self.size == 0 {
@@ -234,6 +245,17 @@ mod tests {
         }
         assert!(d.is_done());
         assert_eq!(total, body.len());
+    }
+
+    #[test]
+    fn payload_runs_exclude_framing() {
+        let body = b"5;x=1\r\nhello\r\n6\r\n world\r\n0\r\n\r\n";
+        let mut d = ChunkedDecoder::new();
+        let mut out = Vec::new();
+        d.feed_with(body, |r| out.extend_from_slice(&body[r]))
+            .unwrap();
+        assert!(d.is_done());
+        assert_eq!(out, b"hello world");
     }
 
     #[test]

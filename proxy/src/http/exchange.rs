@@ -152,16 +152,19 @@ async fn forward<S: AsyncReadRent + AsyncWriteRent>(
     if switching && !conn.head.upgrade {
         return Err(Failure::Status(ProxyStatus::BadGateway));
     }
+    // An HTTP/1.0 client cannot read chunked framing: it gets the payload, ended by close.
+    let dechunk = conn.head.minor_version == 0 && conn.resp.framing == Framing::Chunked;
     let close = !conn.head.keep_alive
         || conn.resp.framing == Framing::UntilClose
         || ctx.shared.is_draining()
-        || (conn.head.minor_version == 0 && conn.resp.framing == Framing::Chunked);
+        || dechunk;
     let rctx = ResponseContext {
         service,
         route,
         public_host: conn.head.host_header(),
         close,
         client_http10: conn.head.minor_version == 0,
+        dechunk,
     };
     rewrite::client_response(&mut conn.out, &conn.resp, &rctx);
     let (res, out) = match monoio::time::timeout(
@@ -180,11 +183,17 @@ async fn forward<S: AsyncReadRent + AsyncWriteRent>(
     if switching {
         return Ok(Next::Tunnel(up));
     }
-    if let Err(e) = body::copy(
+    let output = if dechunk {
+        body::Output::Dechunked
+    } else {
+        body::Output::AsIs
+    };
+    if let Err(e) = body::copy_as(
         &mut up.stream,
         &mut conn.upbuf,
         client,
         conn.resp.framing,
+        output,
         limits.idle_timeout,
     )
     .await

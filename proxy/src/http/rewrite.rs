@@ -134,6 +134,8 @@ pub struct ResponseContext<'a> {
     pub public_host: &'a [u8],
     pub close: bool,
     pub client_http10: bool,
+    /// The body is passed on without its chunked framing, so `Transfer-Encoding` goes.
+    pub dechunk: bool,
 }
 
 /// Writes the response head for the client into `out`.
@@ -148,7 +150,9 @@ pub fn client_response(out: &mut Vec<u8>, resp: &ResponseHead, ctx: &ResponseCon
             put_header(out, name, value);
             continue;
         }
-        if resp.fields.is_hop_by_hop(name) {
+        if resp.fields.is_hop_by_hop(name)
+            || (ctx.dechunk && name.eq_ignore_ascii_case(b"transfer-encoding"))
+        {
             continue;
         }
         if ctx.service.rewrite_redirects
@@ -324,6 +328,7 @@ mod tests {
             public_host: b"app.example:8443",
             close: false,
             client_http10: false,
+            dechunk: false,
         };
         assert_eq!(
             rewrite_location(b"http://10.0.0.1:8080/base/login?n=1", &ctx).as_deref(),
