@@ -22,10 +22,12 @@ pub struct Cli {
 
 #[derive(Debug, Subcommand)]
 pub enum Command {
-    /// Run a proxy: serves the services of a mappings file (and, later, of a management server).
+    /// Run a proxy: serves the services of a management server and/or a mappings file.
     Proxy(Box<ProxyArgs>),
-    /// Try Portcullis on this machine: a proxy with a self-signed certificate and a demo service.
+    /// Try Portcullis on this machine: management, a proxy and a demo service in one process.
     Up(UpArgs),
+    /// Run or administer a management server (accounts, tokens, clusters, services).
+    Management(crate::management_cli::ManagementArgs),
 }
 
 /// `portcullis up`: a one-machine demo with no setup.
@@ -43,6 +45,15 @@ pub struct UpArgs {
     /// Health endpoint of the demo proxy.
     #[arg(long, default_value = "127.0.0.1:8080")]
     pub health_addr: String,
+    /// REST API of the embedded management.
+    #[arg(long, default_value = "127.0.0.1:33071")]
+    pub api_addr: std::net::SocketAddr,
+    /// gRPC address of the embedded management (the proxy dials it).
+    #[arg(long, default_value = "127.0.0.1:33073")]
+    pub grpc_addr: std::net::SocketAddr,
+    /// Port of the demo service the proxy publishes.
+    #[arg(long, default_value_t = 8082)]
+    pub demo_port: u16,
 }
 
 /// Settings of `portcullis proxy`. Names, flags and defaults follow NetBird's proxy.
@@ -64,6 +75,9 @@ pub struct ProxyArgs {
     /// Cluster address this proxy serves, e.g. proxy.example.com.
     #[arg(long, env = "NB_PROXY_DOMAIN")]
     pub domain: Option<String>,
+    /// This proxy's id in its cluster (default: <hostname>-<https port>).
+    #[arg(long = "proxy-id", env = "NB_PROXY_ID")]
+    pub proxy_id: Option<String>,
 
     /// HTTPS listen address (`:443` means every interface).
     #[arg(long = "addr", env = "NB_PROXY_ADDRESS", default_value = ":443")]

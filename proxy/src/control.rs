@@ -7,20 +7,20 @@ use std::time::{Duration, SystemTime};
 
 use tokio::signal::unix::{SignalKind, signal};
 
-use crate::routes::RouteTable;
+pub mod management;
+pub mod sources;
+
 use crate::state::Shared;
 use crate::tls::CertLoader;
+use sources::Sources;
 
-/// Publishes a new table built from the mappings file; a bad file keeps the current table.
-pub fn reload_mappings(shared: &Shared, path: &std::path::Path) -> bool {
+/// Publishes a new table with the mappings file's services; a bad file keeps the current table.
+pub fn reload_mappings(shared: &Shared, sources: &Sources, path: &std::path::Path) -> bool {
     match crate::mappings_file::load(path) {
         Ok(mappings) => {
-            let (table, report) = RouteTable::build(&mappings);
-            for (id, err) in &report.skipped {
-                tracing::error!(service = %id, error = %err, "service not served");
-            }
-            tracing::info!(services = table.len(), file = %path.display(), "mappings loaded");
-            shared.publish_routes(table);
+            let count = mappings.len();
+            sources.set_file(mappings, shared);
+            tracing::info!(services = count, file = %path.display(), "mappings loaded");
             true
         }
         Err(e) => {
@@ -52,13 +52,23 @@ fn file_stamp(path: &std::path::Path) -> Option<(SystemTime, u64, u64)> {
 }
 
 /// Runs until the proxy has drained after SIGTERM/SIGINT; returns the process exit code.
-pub async fn run(shared: Arc<Shared>, certs: CertLoader, health: tokio::net::TcpListener) -> i32 {
+pub async fn run(
+    shared: Arc<Shared>,
+    certs: CertLoader,
+    health: tokio::net::TcpListener,
+    sources: Arc<Sources>,
+    management: Option<management::ManagementLink>,
+) -> i32 {
     tokio::spawn(crate::health::serve(health, shared.clone()));
     tokio::spawn(watch_files(
         shared.clone(),
+        sources.clone(),
         shared.config.mappings_file.clone(),
         certs,
     ));
+    if let Some(link) = management {
+        tokio::spawn(management::run(shared.clone(), link, sources));
+    }
 
     let (mut term, mut int) = match (
         signal(SignalKind::terminate()),
@@ -94,7 +104,12 @@ pub async fn run(shared: Arc<Shared>, certs: CertLoader, health: tokio::net::Tcp
     }
 }
 
-async fn watch_files(shared: Arc<Shared>, mappings: Option<PathBuf>, mut certs: CertLoader) {
+async fn watch_files(
+    shared: Arc<Shared>,
+    sources: Arc<Sources>,
+    mappings: Option<PathBuf>,
+    mut certs: CertLoader,
+) {
     let mut mappings_stamp = mappings.as_deref().and_then(file_stamp);
     let mut tick = tokio::time::interval(shared.config.reload_interval);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -108,7 +123,7 @@ async fn watch_files(shared: Arc<Shared>, mappings: Option<PathBuf>, mut certs: 
             if stamp != mappings_stamp {
                 mappings_stamp = stamp;
                 if stamp.is_some() {
-                    reload_mappings(&shared, path);
+                    reload_mappings(&shared, &sources, path);
                 } else {
                     tracing::warn!(file = %path.display(), "mappings file is gone; still serving the previous services");
                 }

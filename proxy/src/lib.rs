@@ -10,6 +10,7 @@ pub mod dataplane;
 pub mod health;
 pub mod http;
 pub mod logging;
+pub mod management_cli;
 pub mod mappings_file;
 pub mod proxy_main;
 pub mod routes;

@@ -8,6 +8,10 @@ fn main() -> std::process::ExitCode {
             portcullis::logging::init(&args.log_level, &args.log_format);
             portcullis::proxy_main::run(args).map_err(anyhow::Error::from)
         }
+        Command::Management(args) => {
+            portcullis::logging::init("info", "text");
+            portcullis::management_cli::run(args).map_err(anyhow::Error::from)
+        }
         Command::Up(args) => {
             portcullis::logging::init("info", "text");
             portcullis::up::run(args).map_err(anyhow::Error::from)

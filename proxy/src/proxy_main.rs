@@ -4,6 +4,8 @@ use std::sync::Arc;
 
 use crate::cli::ProxyArgs;
 use crate::config::{ConfigError, ProxyConfig};
+use crate::control::management::{ManagementError, ManagementLink};
+use crate::control::sources::Sources;
 use crate::dataplane::listener::{self, ListenError};
 use crate::dataplane::{self, WorkerError};
 use crate::mappings_file::MappingsFileError;
@@ -30,6 +32,8 @@ pub enum StartError {
     },
     #[error("cannot start the control runtime: {0}")]
     Runtime(std::io::Error),
+    #[error(transparent)]
+    Management(#[from] ManagementError),
 }
 
 /// Runs a proxy until SIGTERM/SIGINT; returns the exit code.
@@ -41,15 +45,21 @@ pub fn run(args: &ProxyArgs) -> Result<i32, StartError> {
             "this setting is accepted but not acted on yet"
         );
     }
-    if args.token.is_some() {
+    let management = match args.token.as_deref().filter(|t| !t.is_empty()) {
+        Some(token) => Some(ManagementLink::new(
+            &args.management_address,
+            token,
+            args.allow_insecure,
+            args.domain.as_deref(),
+            proxy_id(args, &config),
+            args.not_yet.require_subdomain.as_deref() == Some("true"),
+        )?),
+        None => None,
+    };
+    if config.mappings_file.is_none() && management.is_none() {
         tracing::warn!(
-            management = %args.management_address,
-            "NB_PROXY_TOKEN is set, but this build does not connect to a management server yet; \
-             only NB_PROXY_MAPPINGS_FILE services are served"
+            "neither NB_PROXY_TOKEN (management) nor NB_PROXY_MAPPINGS_FILE is set: no services are served"
         );
-    }
-    if config.mappings_file.is_none() {
-        tracing::warn!("no NB_PROXY_MAPPINGS_FILE given: no services are served");
     }
 
     let max_connections = connection_limit(config.max_connections);
@@ -70,16 +80,9 @@ pub fn run(args: &ProxyArgs) -> Result<i32, StartError> {
         );
     }
     let resolver = Arc::new(SniResolver::new(scan.store));
-    let routes = match &config.mappings_file {
-        Some(path) => {
-            let mappings = crate::mappings_file::load(path)?;
-            let (table, report) = RouteTable::build(&mappings);
-            for (id, err) in &report.skipped {
-                tracing::error!(service = %id, error = %err, "service not served");
-            }
-            table
-        }
-        None => RouteTable::default(),
+    let file_mappings = match &config.mappings_file {
+        Some(path) => crate::mappings_file::load(path)?,
+        None => Vec::new(),
     };
     let server_tls = tls::server_config(resolver.clone())?;
     let upstream_tls = UpstreamTls::new()?;
@@ -97,17 +100,20 @@ pub fn run(args: &ProxyArgs) -> Result<i32, StartError> {
         http = ?config.http_listen,
         health = %config.health_listen,
         workers = config.workers,
-        services = routes.len(),
+        services = file_mappings.len(),
+        management = management.is_some(),
         max_connections,
         "starting proxy"
     );
     let shared = Arc::new(Shared::new(
         config,
-        routes,
+        RouteTable::default(),
         resolver,
         server_tls,
         max_connections,
     ));
+    let sources = Arc::new(Sources::default());
+    sources.set_file(file_mappings, &shared);
     let _workers = dataplane::start(shared.clone(), bound, upstream_tls)?;
     tracing::info!(
         io_driver = shared.status.io_driver.get().copied().unwrap_or("?"),
@@ -127,9 +133,21 @@ pub fn run(args: &ProxyArgs) -> Result<i32, StartError> {
                 return 1;
             }
         };
-        crate::control::run(shared, certs, health).await
+        crate::control::run(shared, certs, health, sources, management).await
     });
     Ok(code)
+}
+
+/// NB_PROXY_ID, else `<hostname>-<https port>`: stable across restarts, distinct for several
+/// proxies on one host.
+fn proxy_id(args: &ProxyArgs, config: &ProxyConfig) -> String {
+    if let Some(id) = args.proxy_id.as_deref().filter(|s| !s.is_empty()) {
+        return id.to_string();
+    }
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|h| h.trim().to_string())
+        .unwrap_or_else(|_| "proxy".to_string());
+    format!("{host}-{}", config.https_listen.port())
 }
 
 /// The configured limit, or one derived from the open-file limit (each proxied connection needs

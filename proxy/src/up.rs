@@ -1,8 +1,9 @@
 //! `portcullis up`: try Portcullis on one machine with nothing to set up.
 //!
 //! Creates a private CA and a certificate for `*.localhost` in the data directory (once), starts
-//! a small demo service on loopback, writes a mappings file that publishes it as
-//! `demo.localhost`, and runs the proxy on high ports, so no root is needed.
+//! an embedded management server on SQLite in the data directory, a small demo service on
+//! loopback, and a proxy for the cluster `localhost` on high ports, so no root is needed. It
+//! prints the admin token and the `curl` line that publishes the demo service.
 
 use std::convert::Infallible;
 use std::fs;
@@ -32,9 +33,21 @@ pub enum UpError {
     Proxy(#[from] crate::proxy_main::StartError),
     #[error("internal: {0}")]
     Args(String),
+    #[error("cannot start the embedded management: {0}")]
+    Management(String),
 }
 
 pub const DEMO_HOST: &str = "demo.localhost";
+/// The cluster address of the embedded proxy: services are published as `<name>.localhost`.
+pub const CLUSTER: &str = "localhost";
+const EMBEDDED_TOKEN_NAME: &str = "portcullis-up embedded proxy";
+
+/// What the embedded management handed out for this run.
+struct Embedded {
+    admin_pat: String,
+    proxy_token: String,
+    first_run: bool,
+}
 
 pub fn run(args: &UpArgs) -> Result<i32, UpError> {
     let data = &args.data_dir;
@@ -44,17 +57,8 @@ pub fn run(args: &UpArgs) -> Result<i32, UpError> {
     if !certs.join("tls.crt").exists() || !ca_path.exists() {
         write_demo_certs(&certs, &ca_path)?;
     }
-    let demo_addr = start_demo_service()?;
-    let mappings = data.join("mappings.toml");
-    write_file(
-        &mappings,
-        format!(
-            "# Written by `portcullis up`. Edit it: the proxy reloads it when it changes.\n\
-             [[service]]\nid = \"demo\"\ndomain = \"{DEMO_HOST}\"\n\n\
-             [[service.path]]\npath = \"/\"\ntarget = \"http://{demo_addr}\"\n"
-        )
-        .as_bytes(),
-    )?;
+    start_demo_service(args.demo_port)?;
+    let embedded = start_management(args)?;
 
     let port = args.https_port;
     let url = if port == 443 {
@@ -62,18 +66,35 @@ pub fn run(args: &UpArgs) -> Result<i32, UpError> {
     } else {
         format!("https://{DEMO_HOST}:{port}/")
     };
+    let create = format!(
+        "curl -sS -H 'Authorization: Token {pat}' -H 'Content-Type: application/json' \\\n      \
+         http://{api}/api/reverse-proxies/services \\\n      \
+         -d '{{\"name\":\"demo\",\"domain\":\"{DEMO_HOST}\",\"targets\":[{{\"target_id\":\"demo\",\\\n      \
+         \"target_type\":\"host\",\"protocol\":\"http\",\"host\":\"127.0.0.1\",\"port\":{demo}}}]}}'",
+        pat = embedded.admin_pat,
+        api = args.api_addr,
+        demo = args.demo_port,
+    );
     let banner = format!(
-        "\nPortcullis is up.\n\
-         \n  Demo service   {url}\n\
-         \n  Try it:        curl --cacert {ca} --resolve {DEMO_HOST}:{port}:127.0.0.1 {url}\n\
-         \n  Health         http://{health}/healthz\
-         \n  Services file  {mappings} (edited files are reloaded)\
-         \n  Certificates   {certs}\n\
-         \nStop with Ctrl-C.\n",
-        ca = ca_path.display(),
+        "\nPortcullis is up: a management server, a proxy for the cluster `{CLUSTER}`, and a demo\n\
+         service on 127.0.0.1:{demo}.\n\
+         \n  Admin token    {pat}{first}\
+         \n  REST API       http://{api}/api/reverse-proxies/services\
+         \n  Proxy          https://*.{CLUSTER}:{port}/   (health: http://{health}/healthz)\n\
+         \n1. Publish the demo service through the proxy:\n\n    {create}\n\
+         \n2. Open it:\n\n    curl --cacert {ca} --resolve {DEMO_HOST}:{port}:127.0.0.1 {url}\n\
+         \nData (store, certificates) lives in {data}. Stop with Ctrl-C.\n",
+        demo = args.demo_port,
+        pat = embedded.admin_pat,
+        first = if embedded.first_run {
+            "   (new account: admin@localhost)"
+        } else {
+            "   (a fresh token for this run)"
+        },
+        api = args.api_addr,
         health = args.health_addr,
-        mappings = mappings.display(),
-        certs = certs.display(),
+        ca = ca_path.display(),
+        data = data.display(),
     );
     let mut stdout = std::io::stdout();
     let _ = stdout.write_all(banner.as_bytes());
@@ -82,7 +103,7 @@ pub fn run(args: &UpArgs) -> Result<i32, UpError> {
     let https = format!("127.0.0.1:{port}");
     let http = format!("127.0.0.1:{}", args.http_port);
     let cert_dir = certs.display().to_string();
-    let mappings_arg = mappings.display().to_string();
+    let mgmt = format!("http://{}", args.grpc_addr);
     let argv = [
         "portcullis",
         "proxy",
@@ -94,8 +115,13 @@ pub fn run(args: &UpArgs) -> Result<i32, UpError> {
         &args.health_addr,
         "--cert-dir",
         &cert_dir,
-        "--mappings",
-        &mappings_arg,
+        "--mgmt",
+        &mgmt,
+        "--allow-insecure",
+        "--token",
+        &embedded.proxy_token,
+        "--domain",
+        CLUSTER,
     ];
     let cli =
         <Cli as clap::Parser>::try_parse_from(argv).map_err(|e| UpError::Args(e.to_string()))?;
@@ -103,6 +129,91 @@ pub fn run(args: &UpArgs) -> Result<i32, UpError> {
         return Err(UpError::Args("expected proxy arguments".into()));
     };
     Ok(crate::proxy_main::run(&proxy_args)?)
+}
+
+/// Starts management on its own thread; on first run creates the account. Each run mints a new
+/// admin token and a new proxy token (revoking the previous run's), so none is kept on disk.
+fn start_management(args: &UpArgs) -> Result<Embedded, UpError> {
+    use management::server::{Management, ManagementConfig};
+    use management::store::Store;
+    let config = ManagementConfig {
+        grpc_listen: args.grpc_addr,
+        http_listen: args.api_addr,
+        store_url: crate::management_cli::sqlite_url(&args.data_dir.join("management.db")),
+        heartbeat: crate::management_cli::UP_HEARTBEAT,
+    };
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .thread_name("portcullis-up-management")
+        .build()
+        .map_err(UpError::Demo)?;
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::Builder::new()
+        .name("portcullis-up-management".into())
+        .spawn(move || {
+            rt.block_on(async move {
+                let prepared = async {
+                    let m = Management::bind(&config).await.map_err(|e| e.to_string())?;
+                    let embedded = prepare_accounts(&m.store)
+                        .await
+                        .map_err(|e| e.to_string())?;
+                    Ok::<_, String>((m, embedded))
+                }
+                .await;
+                match prepared {
+                    Ok((m, embedded)) => {
+                        let _ = tx.send(Ok(embedded));
+                        if let Err(e) = m.serve(std::future::pending()).await {
+                            tracing::error!(error = %e, "embedded management stopped");
+                        }
+                    }
+                    Err(e) => {
+                        let _ = tx.send(Err(e));
+                    }
+                }
+            });
+        })
+        .map_err(UpError::Demo)?;
+    let embedded = rx
+        .recv()
+        .map_err(|_| UpError::Management("the management thread ended".into()))?
+        .map_err(UpError::Management)?;
+
+    async fn prepare_accounts(store: &Store) -> Result<Embedded, management::store::StoreError> {
+        use management::store::Role;
+        let owner = store.first_owner().await?;
+        let (account, user, first_run) = match owner {
+            Some(u) => (u.account_id.clone(), u, false),
+            None => {
+                let b = management::bootstrap::create_account(store, "default", "admin@localhost")
+                    .await?;
+                let u = store
+                    .user(&b.account_id, &b.user_id)
+                    .await?
+                    .ok_or_else(|| {
+                        management::store::StoreError::Corrupt("bootstrap user".into())
+                    })?;
+                (b.account_id, u, true)
+            }
+        };
+        debug_assert!(user.role >= Role::Admin);
+        let (_, admin_pat) = store.create_pat(&user.id, "portcullis up", None).await?;
+        for t in store.list_proxy_tokens(Some(&account)).await? {
+            if t.name == EMBEDDED_TOKEN_NAME && !t.revoked {
+                store.revoke_proxy_token(Some(&account), &t.id).await?;
+            }
+        }
+        let (_, proxy_token) = store
+            .create_proxy_token(Some(&account), EMBEDDED_TOKEN_NAME, None)
+            .await?;
+        Ok(Embedded {
+            admin_pat,
+            proxy_token,
+            first_run,
+        })
+    }
+    Ok(embedded)
 }
 
 fn mkdir(path: &Path) -> Result<(), UpError> {
@@ -153,9 +264,9 @@ fn restrict(path: &Path) {
     let _ = fs::set_permissions(path, fs::Permissions::from_mode(0o600));
 }
 
-/// Starts the demo service on an ephemeral loopback port, on its own thread.
-fn start_demo_service() -> Result<SocketAddr, UpError> {
-    let listener = std::net::TcpListener::bind("127.0.0.1:0").map_err(UpError::Demo)?;
+/// Starts the demo service on a loopback port, on its own thread.
+fn start_demo_service(port: u16) -> Result<SocketAddr, UpError> {
+    let listener = std::net::TcpListener::bind(("127.0.0.1", port)).map_err(UpError::Demo)?;
     listener.set_nonblocking(true).map_err(UpError::Demo)?;
     let addr = listener.local_addr().map_err(UpError::Demo)?;
     let rt = tokio::runtime::Builder::new_current_thread()

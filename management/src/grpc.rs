@@ -1,0 +1,186 @@
+//! The gRPC `ProxyService` that proxies dial: mapping streams and status updates.
+//! The proxy token travels as `authorization: Bearer <token>` metadata on every call.
+
+mod mappings;
+
+use std::time::Duration;
+
+use proto::proxy_service_server::ProxyService;
+use proto::*;
+use tonic::{Request, Response, Status, Streaming};
+
+use crate::events::ChangeBus;
+use crate::store::{ProxyToken, ServiceStatus, Store};
+
+pub use mappings::BATCH_SIZE;
+
+#[derive(Clone)]
+pub struct ProxyServiceImpl {
+    pub store: Store,
+    pub bus: ChangeBus,
+    /// How often open streams re-check their token and mark their proxy as seen.
+    pub heartbeat: Duration,
+}
+
+impl ProxyServiceImpl {
+    async fn authenticate<T>(&self, req: &Request<T>) -> Result<ProxyToken, Status> {
+        let header = req
+            .metadata()
+            .get("authorization")
+            .and_then(|v| v.to_str().ok())
+            .ok_or_else(|| {
+                Status::unauthenticated("missing proxy token (authorization: Bearer …)")
+            })?;
+        let plain = header
+            .strip_prefix("Bearer ")
+            .or_else(|| header.strip_prefix("bearer "))
+            .ok_or_else(|| Status::unauthenticated("authorization must be `Bearer <proxy token>`"))?
+            .trim();
+        match self.store.proxy_token_by_plain(plain).await {
+            Ok(Some(t)) => Ok(t),
+            Ok(None) => Err(Status::unauthenticated(
+                "proxy token is unknown, revoked or expired",
+            )),
+            Err(e) => {
+                tracing::error!(error = %e, "token lookup failed");
+                Err(Status::unavailable("management store unavailable"))
+            }
+        }
+    }
+}
+
+fn not_yet(what: &str) -> Status {
+    Status::unimplemented(format!(
+        "{what} is not supported by this management server yet"
+    ))
+}
+
+#[tonic::async_trait]
+impl ProxyService for ProxyServiceImpl {
+    type GetMappingUpdateStream = mappings::ResponseStream<GetMappingUpdateResponse>;
+
+    async fn get_mapping_update(
+        &self,
+        request: Request<GetMappingUpdateRequest>,
+    ) -> Result<Response<Self::GetMappingUpdateStream>, Status> {
+        let token = self.authenticate(&request).await?;
+        let init = request.into_inner();
+        let stream = mappings::open_update_stream(self.clone(), token, init).await?;
+        Ok(Response::new(stream))
+    }
+
+    type SyncMappingsStream = mappings::ResponseStream<SyncMappingsResponse>;
+
+    async fn sync_mappings(
+        &self,
+        request: Request<Streaming<SyncMappingsRequest>>,
+    ) -> Result<Response<Self::SyncMappingsStream>, Status> {
+        let token = self.authenticate(&request).await?;
+        let inbound = request.into_inner();
+        let stream = mappings::open_sync_stream(self.clone(), token, inbound).await?;
+        Ok(Response::new(stream))
+    }
+
+    async fn send_status_update(
+        &self,
+        request: Request<SendStatusUpdateRequest>,
+    ) -> Result<Response<SendStatusUpdateResponse>, Status> {
+        let token = self.authenticate(&request).await?;
+        let update = request.into_inner();
+        if token
+            .account_id
+            .as_deref()
+            .is_some_and(|a| a != update.account_id)
+        {
+            return Err(Status::permission_denied(
+                "this proxy token cannot report on another account's services",
+            ));
+        }
+        let status = match proto::ProxyStatus::try_from(update.status) {
+            Ok(proto::ProxyStatus::Pending) => ServiceStatus::Pending,
+            Ok(proto::ProxyStatus::Active) => ServiceStatus::Active,
+            Ok(proto::ProxyStatus::TunnelNotCreated) => ServiceStatus::TunnelNotCreated,
+            Ok(proto::ProxyStatus::CertificatePending) => ServiceStatus::CertificatePending,
+            Ok(proto::ProxyStatus::CertificateFailed) => ServiceStatus::CertificateFailed,
+            Ok(proto::ProxyStatus::Error) => ServiceStatus::Error,
+            Err(_) => return Err(Status::invalid_argument("unknown status value")),
+        };
+        let found = self
+            .store
+            .set_service_status(
+                &update.account_id,
+                &update.service_id,
+                status,
+                update.error_message.as_deref(),
+                update.certificate_issued,
+            )
+            .await
+            .map_err(|e| {
+                tracing::error!(error = %e, "status update not stored");
+                Status::unavailable("management store unavailable")
+            })?;
+        if !found {
+            return Err(Status::not_found(format!(
+                "service {} not found",
+                update.service_id
+            )));
+        }
+        Ok(Response::new(SendStatusUpdateResponse {}))
+    }
+
+    async fn send_access_log(
+        &self,
+        _request: Request<SendAccessLogRequest>,
+    ) -> Result<Response<SendAccessLogResponse>, Status> {
+        Err(not_yet("SendAccessLog"))
+    }
+
+    async fn authenticate(
+        &self,
+        _request: Request<AuthenticateRequest>,
+    ) -> Result<Response<AuthenticateResponse>, Status> {
+        Err(not_yet("Authenticate"))
+    }
+
+    async fn create_proxy_peer(
+        &self,
+        _request: Request<CreateProxyPeerRequest>,
+    ) -> Result<Response<CreateProxyPeerResponse>, Status> {
+        Err(not_yet("CreateProxyPeer"))
+    }
+
+    async fn get_oidcurl(
+        &self,
+        _request: Request<GetOidcurlRequest>,
+    ) -> Result<Response<GetOidcurlResponse>, Status> {
+        Err(not_yet("GetOIDCURL"))
+    }
+
+    async fn validate_session(
+        &self,
+        _request: Request<ValidateSessionRequest>,
+    ) -> Result<Response<ValidateSessionResponse>, Status> {
+        Err(not_yet("ValidateSession"))
+    }
+
+    async fn validate_tunnel_peer(
+        &self,
+        _request: Request<ValidateTunnelPeerRequest>,
+    ) -> Result<Response<ValidateTunnelPeerResponse>, Status> {
+        Err(not_yet("ValidateTunnelPeer"))
+    }
+
+    async fn check_llm_policy_limits(
+        &self,
+        _request: Request<CheckLlmPolicyLimitsRequest>,
+    ) -> Result<Response<CheckLlmPolicyLimitsResponse>, Status> {
+        Err(Status::unimplemented("the LLM gateway is out of scope"))
+    }
+
+    async fn record_llm_usage(
+        &self,
+        _request: Request<RecordLlmUsageRequest>,
+    ) -> Result<Response<RecordLlmUsageResponse>, Status> {
+        Err(Status::unimplemented("the LLM gateway is out of scope"))
+    }
+}

@@ -1,0 +1,188 @@
+//! `/api/reverse-proxies/services`: create, list, read, replace, delete. Every change reaches
+//! the proxies of the service's cluster through the change bus.
+
+use axum::Json;
+use axum::extract::{Path, State};
+use axum::http::StatusCode;
+use serde_json::json;
+
+use super::{ApiError, ApiResult, AppState, Caller, JsonBody, rfc3339};
+use crate::events::ServiceEvent;
+use crate::model::{self, ServiceRequest};
+use crate::secrets;
+use crate::store::{ServiceRecord, ServiceStatus, now};
+
+fn service_json(r: &ServiceRecord) -> serde_json::Value {
+    let spec = model::spec_of(r).unwrap_or_default();
+    json!({
+        "id": r.id,
+        "name": r.name,
+        "domain": r.domain,
+        "proxy_cluster": r.cluster_address,
+        "mode": spec.mode,
+        "listen_port": spec.listen_port,
+        "targets": spec.targets,
+        "enabled": r.enabled,
+        "pass_host_header": spec.pass_host_header,
+        "rewrite_redirects": spec.rewrite_redirects,
+        "auth": {},
+        "meta": {
+            "created_at": rfc3339(r.created_at),
+            "status": r.status,
+            "status_message": r.status_message,
+            "certificate_issued": r.certificate_issued,
+        },
+    })
+}
+
+pub async fn list(
+    State(st): State<AppState>,
+    caller: Caller,
+) -> ApiResult<Json<serde_json::Value>> {
+    let records = st.store.services(caller.account()).await?;
+    Ok(Json(records.iter().map(service_json).collect()))
+}
+
+pub async fn get_one(
+    State(st): State<AppState>,
+    caller: Caller,
+    Path(id): Path<String>,
+) -> ApiResult<Json<serde_json::Value>> {
+    let r = st
+        .store
+        .service(caller.account(), &id)
+        .await?
+        .ok_or_else(|| ApiError::not_found("service"))?;
+    Ok(Json(service_json(&r)))
+}
+
+/// Validates a request and resolves its cluster among those the account can reach.
+async fn prepare(
+    st: &AppState,
+    account: &str,
+    req: ServiceRequest,
+) -> ApiResult<(model::ValidService, String)> {
+    let valid = req.validate().map_err(|e| ApiError::unprocessable(e.0))?;
+    let clusters: Vec<String> = st
+        .store
+        .visible_clusters(account)
+        .await?
+        .into_iter()
+        .map(|c| c.address)
+        .collect();
+    let cluster =
+        model::derive_cluster(&valid.domain, valid.requested_cluster.as_deref(), &clusters)
+            .map_err(|m| ApiError::new(StatusCode::PRECONDITION_FAILED, m))?;
+    Ok((valid, cluster))
+}
+
+pub async fn create(
+    State(st): State<AppState>,
+    caller: Caller,
+    JsonBody(req): JsonBody<ServiceRequest>,
+) -> ApiResult<Json<serde_json::Value>> {
+    caller.require_admin()?;
+    let (valid, cluster) = prepare(&st, caller.account(), req).await?;
+    let t = now();
+    let record = ServiceRecord {
+        id: secrets::new_id(),
+        account_id: caller.account().to_string(),
+        name: valid.name,
+        domain: valid.domain,
+        cluster_address: cluster,
+        spec: serde_json::to_string(&valid.spec)
+            .map_err(|e| ApiError::unprocessable(e.to_string()))?,
+        enabled: valid.enabled,
+        status: ServiceStatus::Pending,
+        status_message: None,
+        certificate_issued: false,
+        created_at: t,
+        updated_at: t,
+    };
+    st.store.insert_service(&record).await?;
+    if record.enabled {
+        announce(
+            &st,
+            &record,
+            proto::ProxyMappingUpdateType::UpdateTypeCreated,
+        );
+    }
+    tracing::info!(service = %record.id, domain = %record.domain, cluster = %record.cluster_address, "service created");
+    Ok(Json(service_json(&record)))
+}
+
+pub async fn update(
+    State(st): State<AppState>,
+    caller: Caller,
+    Path(id): Path<String>,
+    JsonBody(req): JsonBody<ServiceRequest>,
+) -> ApiResult<Json<serde_json::Value>> {
+    caller.require_admin()?;
+    let old = st
+        .store
+        .service(caller.account(), &id)
+        .await?
+        .ok_or_else(|| ApiError::not_found("service"))?;
+    let (valid, cluster) = prepare(&st, caller.account(), req).await?;
+    let mut new = old.clone();
+    new.name = valid.name;
+    new.domain = valid.domain;
+    new.cluster_address = cluster;
+    new.spec =
+        serde_json::to_string(&valid.spec).map_err(|e| ApiError::unprocessable(e.to_string()))?;
+    new.enabled = valid.enabled;
+    new.updated_at = now();
+    st.store.update_service(&new).await?;
+    let moved = old.cluster_address != new.cluster_address || old.domain != new.domain;
+    if old.enabled && (moved || !new.enabled) {
+        announce_removed(&st, &old);
+    }
+    if new.enabled {
+        let kind = if old.enabled && !moved {
+            proto::ProxyMappingUpdateType::UpdateTypeModified
+        } else {
+            proto::ProxyMappingUpdateType::UpdateTypeCreated
+        };
+        announce(&st, &new, kind);
+    }
+    Ok(Json(service_json(&new)))
+}
+
+pub async fn remove(
+    State(st): State<AppState>,
+    caller: Caller,
+    Path(id): Path<String>,
+) -> ApiResult<Json<serde_json::Value>> {
+    caller.require_admin()?;
+    let old = st
+        .store
+        .delete_service(caller.account(), &id)
+        .await?
+        .ok_or_else(|| ApiError::not_found("service"))?;
+    if old.enabled {
+        announce_removed(&st, &old);
+    }
+    Ok(Json(json!({})))
+}
+
+fn announce(st: &AppState, r: &ServiceRecord, kind: proto::ProxyMappingUpdateType) {
+    match model::to_mapping(r) {
+        Ok(mut mapping) => {
+            mapping.r#type = kind as i32;
+            st.bus.publish(ServiceEvent {
+                account_id: r.account_id.clone(),
+                cluster_address: r.cluster_address.clone(),
+                mapping,
+            });
+        }
+        Err(e) => tracing::error!(service = %r.id, error = %e, "service not announced"),
+    }
+}
+
+fn announce_removed(st: &AppState, r: &ServiceRecord) {
+    st.bus.publish(ServiceEvent {
+        account_id: r.account_id.clone(),
+        cluster_address: r.cluster_address.clone(),
+        mapping: model::removed_mapping(r),
+    });
+}

@@ -1,0 +1,114 @@
+//! Runs the management server: gRPC for proxies and REST for people, on one store.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use proto::proxy_service_server::ProxyServiceServer;
+use tokio::net::TcpListener;
+
+use crate::events::ChangeBus;
+use crate::grpc::ProxyServiceImpl;
+use crate::rest::{self, AppState};
+use crate::store::{Store, StoreError};
+
+#[derive(Debug, Clone)]
+pub struct ManagementConfig {
+    pub grpc_listen: SocketAddr,
+    pub http_listen: SocketAddr,
+    pub store_url: String,
+    /// How often open proxy streams re-check their token (NetBird: 60 s).
+    pub heartbeat: Duration,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error("cannot listen on {addr} ({what}): {source}")]
+    Listen {
+        addr: SocketAddr,
+        what: &'static str,
+        source: std::io::Error,
+    },
+    #[error("gRPC server failed: {0}")]
+    Grpc(#[from] tonic::transport::Error),
+    #[error("REST server failed: {0}")]
+    Rest(std::io::Error),
+}
+
+/// A management server whose sockets are bound and store is open, ready to serve.
+pub struct Management {
+    pub store: Store,
+    pub bus: ChangeBus,
+    grpc: TcpListener,
+    http: TcpListener,
+    heartbeat: Duration,
+}
+
+impl Management {
+    pub async fn bind(config: &ManagementConfig) -> Result<Management, ServeError> {
+        let store = Store::open(&config.store_url).await?;
+        let listen = |addr: SocketAddr, what: &'static str| async move {
+            TcpListener::bind(addr)
+                .await
+                .map_err(|source| ServeError::Listen { addr, what, source })
+        };
+        let grpc = listen(config.grpc_listen, "gRPC for proxies").await?;
+        let http = listen(config.http_listen, "REST API").await?;
+        Ok(Management {
+            store,
+            bus: ChangeBus::new(),
+            grpc,
+            http,
+            heartbeat: config.heartbeat,
+        })
+    }
+
+    pub fn grpc_addr(&self) -> Option<SocketAddr> {
+        self.grpc.local_addr().ok()
+    }
+
+    pub fn http_addr(&self) -> Option<SocketAddr> {
+        self.http.local_addr().ok()
+    }
+
+    /// Serves until `shutdown` resolves.
+    pub async fn serve(
+        self,
+        shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+    ) -> Result<(), ServeError> {
+        let svc = ProxyServiceImpl {
+            store: self.store.clone(),
+            bus: self.bus.clone(),
+            heartbeat: self.heartbeat,
+        };
+        let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+        tokio::spawn(async move {
+            shutdown.await;
+            let _ = stop_tx.send(true);
+        });
+        let mut grpc_stop = stop_rx.clone();
+        let grpc = tonic::transport::Server::builder()
+            .http2_keepalive_interval(Some(Duration::from_secs(20)))
+            .http2_keepalive_timeout(Some(Duration::from_secs(20)))
+            .add_service(ProxyServiceServer::new(svc))
+            .serve_with_incoming_shutdown(
+                tokio_stream::wrappers::TcpListenerStream::new(self.grpc),
+                async move {
+                    let _ = grpc_stop.wait_for(|v| *v).await;
+                },
+            );
+        let app = rest::router(AppState {
+            store: self.store.clone(),
+            bus: self.bus.clone(),
+        });
+        let mut rest_stop = stop_rx;
+        let rest = axum::serve(self.http, app).with_graceful_shutdown(async move {
+            let _ = rest_stop.wait_for(|v| *v).await;
+        });
+        let (g, r) = tokio::join!(grpc, rest);
+        g?;
+        r.map_err(ServeError::Rest)?;
+        Ok(())
+    }
+}

@@ -1,0 +1,416 @@
+//! The connection to management: register with the proxy token, receive the snapshot and every
+//! change of this cluster's services, publish them to the data plane, report service status.
+//!
+//! `SyncMappings` (an ack after each applied batch) is tried first; a management that answers
+//! `UNIMPLEMENTED` gets `GetMappingUpdate`. While disconnected the last table keeps serving.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use proto::proxy_service_client::ProxyServiceClient;
+use proto::{
+    GetMappingUpdateRequest, ProxyCapabilities, ProxyMapping, ProxyMappingUpdateType,
+    SendStatusUpdateRequest, SyncMappingsAck, SyncMappingsInit, SyncMappingsRequest,
+    sync_mappings_request,
+};
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::metadata::MetadataValue;
+use tonic::transport::{Channel, ClientTlsConfig, Endpoint};
+use tonic::{Code, Request, Status};
+
+use super::sources::Sources;
+use crate::state::Shared;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ManagementError {
+    #[error(
+        "refusing to send the proxy token over plaintext {0}: use https:// or set NB_PROXY_ALLOW_INSECURE=true"
+    )]
+    Insecure(String),
+    #[error("NB_PROXY_MANAGEMENT_ADDRESS {address:?} is not a valid URL: {message}")]
+    BadAddress { address: String, message: String },
+    #[error("NB_PROXY_DOMAIN is required to register with management (the cluster address)")]
+    NoDomain,
+    #[error("the proxy token is not valid in gRPC metadata")]
+    BadToken,
+}
+
+/// Everything needed to talk to management.
+#[derive(Clone)]
+pub struct ManagementLink {
+    endpoint: Endpoint,
+    token: MetadataValue<tonic::metadata::Ascii>,
+    pub domain: String,
+    pub proxy_id: String,
+    pub require_subdomain: bool,
+}
+
+impl ManagementLink {
+    pub fn new(
+        address: &str,
+        token: &str,
+        allow_insecure: bool,
+        domain: Option<&str>,
+        proxy_id: String,
+        require_subdomain: bool,
+    ) -> Result<Self, ManagementError> {
+        let bad = |message: String| ManagementError::BadAddress {
+            address: address.to_string(),
+            message,
+        };
+        let domain = domain
+            .map(|d| d.trim().trim_end_matches('.').to_ascii_lowercase())
+            .filter(|d| !d.is_empty())
+            .ok_or(ManagementError::NoDomain)?;
+        let mut endpoint = Endpoint::from_shared(address.to_string())
+            .map_err(|e| bad(e.to_string()))?
+            .connect_timeout(Duration::from_secs(5))
+            .tcp_nodelay(true)
+            .http2_keep_alive_interval(Duration::from_secs(20))
+            .keep_alive_timeout(Duration::from_secs(20))
+            .keep_alive_while_idle(true);
+        if address.starts_with("https://") {
+            endpoint = endpoint
+                .tls_config(ClientTlsConfig::new().with_native_roots())
+                .map_err(|e| bad(e.to_string()))?;
+        } else if address.starts_with("http://") {
+            if !allow_insecure {
+                return Err(ManagementError::Insecure(address.to_string()));
+            }
+        } else {
+            return Err(bad("the scheme must be https:// or http://".to_string()));
+        }
+        let token = format!("Bearer {token}")
+            .parse()
+            .map_err(|_| ManagementError::BadToken)?;
+        Ok(Self {
+            endpoint,
+            token,
+            domain,
+            proxy_id,
+            require_subdomain,
+        })
+    }
+
+    fn authorized<T>(&self, msg: T) -> Request<T> {
+        let mut req = Request::new(msg);
+        req.metadata_mut()
+            .insert("authorization", self.token.clone());
+        req
+    }
+
+    fn capabilities(&self) -> ProxyCapabilities {
+        ProxyCapabilities {
+            // Custom TCP/UDP ports are not served yet: claim nothing we cannot do.
+            supports_custom_ports: Some(false),
+            require_subdomain: Some(self.require_subdomain),
+            supports_crowdsec: Some(false),
+            private: Some(false),
+            supports_private_service: Some(false),
+        }
+    }
+
+    fn init(&self) -> SyncMappingsInit {
+        let now = std::time::SystemTime::now();
+        SyncMappingsInit {
+            proxy_id: self.proxy_id.clone(),
+            version: env!("CARGO_PKG_VERSION").to_string(),
+            started_at: Some(prost_types::Timestamp::from(now)),
+            address: self.domain.clone(),
+            capabilities: Some(self.capabilities()),
+        }
+    }
+}
+
+/// Backoff between reconnects: NetBird's 800 ms × 1.7, capped at 10 s, with ±20 % jitter.
+struct Backoff {
+    next: Duration,
+}
+
+impl Backoff {
+    const START: Duration = Duration::from_millis(800);
+    const CAP: Duration = Duration::from_secs(10);
+
+    fn new() -> Self {
+        Self { next: Self::START }
+    }
+
+    fn reset(&mut self) {
+        self.next = Self::START;
+    }
+
+    fn step(&mut self) -> Duration {
+        let base = self.next;
+        self.next = (self.next.mul_f64(1.7)).min(Self::CAP);
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.subsec_nanos());
+        let jitter = 0.8 + f64::from(nanos % 1000) / 2500.0;
+        base.mul_f64(jitter)
+    }
+}
+
+/// Runs forever: connects, follows the mapping stream, reconnects.
+pub async fn run(shared: Arc<Shared>, link: ManagementLink, sources: Arc<Sources>) {
+    let mut backoff = Backoff::new();
+    loop {
+        let outcome = session(&shared, &link, &sources, &mut backoff).await;
+        shared
+            .status
+            .management_connected
+            .store(false, Ordering::SeqCst);
+        let wait = match outcome {
+            Err(status) if status.code() == Code::Unauthenticated => {
+                tracing::error!(
+                    reason = status.message(),
+                    "management rejected the proxy token (NB_PROXY_TOKEN): check that it is \
+                     right and not revoked or expired; retrying slowly"
+                );
+                Backoff::CAP * 3
+            }
+            Err(status) if status.code() == Code::AlreadyExists => {
+                tracing::error!(
+                    reason = status.message(),
+                    "management refused this cluster address (NB_PROXY_DOMAIN)"
+                );
+                Backoff::CAP * 3
+            }
+            Err(status) => {
+                tracing::warn!(code = ?status.code(), reason = status.message(), "management connection lost; serving the last known services");
+                backoff.step()
+            }
+            Ok(()) => {
+                tracing::warn!("management closed the mapping stream; reconnecting");
+                backoff.step()
+            }
+        };
+        tokio::time::sleep(wait).await;
+    }
+}
+
+/// One connection: returns when the stream ends.
+async fn session(
+    shared: &Arc<Shared>,
+    link: &ManagementLink,
+    sources: &Arc<Sources>,
+    backoff: &mut Backoff,
+) -> Result<(), Status> {
+    let channel = link
+        .endpoint
+        .connect()
+        .await
+        .map_err(|e| Status::unavailable(format!("cannot reach management: {e}")))?;
+    let mut client = ProxyServiceClient::new(channel.clone());
+    let (ack_tx, ack_rx) = mpsc::channel::<SyncMappingsRequest>(4);
+    ack_tx
+        .send(SyncMappingsRequest {
+            msg: Some(sync_mappings_request::Msg::Init(link.init())),
+        })
+        .await
+        .map_err(|_| Status::internal("ack channel closed"))?;
+    let sync = client
+        .sync_mappings(link.authorized(ReceiverStream::new(ack_rx)))
+        .await;
+    let mut applier = Applier::new(shared.clone(), sources.clone(), link.clone(), channel);
+    match sync {
+        Ok(resp) => {
+            let mut stream = resp.into_inner();
+            connected(shared, backoff);
+            while let Some(msg) = stream.message().await? {
+                applier.apply(msg.mapping, msg.initial_sync_complete);
+                // The batch is in the table: ask for the next one.
+                if ack_tx
+                    .send(SyncMappingsRequest {
+                        msg: Some(sync_mappings_request::Msg::Ack(SyncMappingsAck {})),
+                    })
+                    .await
+                    .is_err()
+                {
+                    break;
+                }
+            }
+            Ok(())
+        }
+        Err(status) if status.code() == Code::Unimplemented => {
+            tracing::info!("management has no SyncMappings; using GetMappingUpdate");
+            let init = link.init();
+            let req = GetMappingUpdateRequest {
+                proxy_id: init.proxy_id,
+                version: init.version,
+                started_at: init.started_at,
+                address: init.address,
+                capabilities: init.capabilities,
+            };
+            let mut stream = client
+                .get_mapping_update(link.authorized(req))
+                .await?
+                .into_inner();
+            connected(shared, backoff);
+            while let Some(msg) = stream.message().await? {
+                applier.apply(msg.mapping, msg.initial_sync_complete);
+            }
+            Ok(())
+        }
+        Err(status) => Err(status),
+    }
+}
+
+fn connected(shared: &Shared, backoff: &mut Backoff) {
+    shared
+        .status
+        .management_connected
+        .store(true, Ordering::SeqCst);
+    backoff.reset();
+    tracing::info!("connected to management");
+}
+
+/// Applies batches: a snapshot is collected until `initial_sync_complete` and then replaces
+/// everything at once; later batches change single services.
+struct Applier {
+    shared: Arc<Shared>,
+    sources: Arc<Sources>,
+    link: ManagementLink,
+    channel: Channel,
+    snapshot: Option<HashMap<String, ProxyMapping>>,
+    current: HashMap<String, ProxyMapping>,
+}
+
+impl Applier {
+    fn new(
+        shared: Arc<Shared>,
+        sources: Arc<Sources>,
+        link: ManagementLink,
+        channel: Channel,
+    ) -> Self {
+        Self {
+            shared,
+            sources,
+            link,
+            channel,
+            snapshot: Some(HashMap::new()),
+            current: HashMap::new(),
+        }
+    }
+
+    fn apply(&mut self, batch: Vec<ProxyMapping>, initial_sync_complete: bool) {
+        let target = self.snapshot.as_mut().unwrap_or(&mut self.current);
+        let mut changed: Vec<ProxyMapping> = Vec::new();
+        for m in batch {
+            if m.r#type == ProxyMappingUpdateType::UpdateTypeRemoved as i32 {
+                target.remove(&m.id);
+            } else {
+                changed.push(m.clone());
+                target.insert(m.id.clone(), m);
+            }
+        }
+        if let Some(snapshot) = &mut self.snapshot {
+            if !initial_sync_complete {
+                return;
+            }
+            self.current = std::mem::take(snapshot);
+            self.snapshot = None;
+            changed = self.current.values().cloned().collect();
+            self.shared
+                .status
+                .initial_sync_complete
+                .store(true, Ordering::SeqCst);
+            tracing::info!(services = self.current.len(), "initial sync complete");
+        }
+        let skipped = self
+            .sources
+            .set_management(self.current.values().cloned().collect(), &self.shared);
+        self.report(changed, skipped);
+    }
+
+    /// Tells management how each changed service is served, off the apply path.
+    fn report(&self, changed: Vec<ProxyMapping>, skipped: HashMap<String, String>) {
+        if changed.is_empty() {
+            return;
+        }
+        let certs = self.shared.certs.store();
+        let updates: Vec<SendStatusUpdateRequest> = changed
+            .iter()
+            .map(|m| {
+                let (status, message, issued) = match skipped.get(&m.id) {
+                    Some(err) => (proto::ProxyStatus::Error, Some(err.clone()), false),
+                    None if certs.find(&m.domain).is_some() => {
+                        (proto::ProxyStatus::Active, None, true)
+                    }
+                    None => (
+                        proto::ProxyStatus::CertificatePending,
+                        Some("no certificate for this domain yet".to_string()),
+                        false,
+                    ),
+                };
+                SendStatusUpdateRequest {
+                    service_id: m.id.clone(),
+                    account_id: m.account_id.clone(),
+                    status: status as i32,
+                    certificate_issued: issued,
+                    error_message: message,
+                    inbound_listener: None,
+                }
+            })
+            .collect();
+        let mut client = ProxyServiceClient::new(self.channel.clone());
+        let link = self.link.clone();
+        tokio::spawn(async move {
+            for u in updates {
+                let id = u.service_id.clone();
+                if let Err(e) = client.send_status_update(link.authorized(u)).await {
+                    tracing::debug!(service = %id, error = %e, "status update not delivered");
+                }
+            }
+        });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_grows_to_the_cap() {
+        let mut b = Backoff::new();
+        let first = b.step();
+        assert!(first >= Duration::from_millis(600) && first <= Duration::from_millis(1000));
+        for _ in 0..20 {
+            assert!(b.step() <= Backoff::CAP.mul_f64(1.2));
+        }
+        b.reset();
+        assert!(b.step() <= Duration::from_millis(1000));
+    }
+
+    #[test]
+    fn plaintext_needs_consent() {
+        let err = ManagementLink::new(
+            "http://127.0.0.1:1",
+            "t",
+            false,
+            Some("p.example"),
+            "id".into(),
+            false,
+        )
+        .err()
+        .expect("refused");
+        assert!(err.to_string().contains("NB_PROXY_ALLOW_INSECURE"));
+        assert!(
+            ManagementLink::new(
+                "http://127.0.0.1:1",
+                "t",
+                true,
+                Some("p.example"),
+                "id".into(),
+                false
+            )
+            .is_ok()
+        );
+        assert!(matches!(
+            ManagementLink::new("https://m.example", "t", false, None, "id".into(), false),
+            Err(ManagementError::NoDomain)
+        ));
+    }
+}
