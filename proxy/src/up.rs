@@ -66,11 +66,11 @@ pub fn run(args: &UpArgs) -> Result<i32, UpError> {
     } else {
         format!("https://{DEMO_HOST}:{port}/")
     };
+    // Line breaks only between arguments: inside the quoted JSON a backslash-newline is literal.
     let create = format!(
         "curl -sS -H 'Authorization: Token {pat}' -H 'Content-Type: application/json' \\\n      \
          http://{api}/api/reverse-proxies/services \\\n      \
-         -d '{{\"name\":\"demo\",\"domain\":\"{DEMO_HOST}\",\"targets\":[{{\"target_id\":\"demo\",\\\n      \
-         \"target_type\":\"host\",\"protocol\":\"http\",\"host\":\"127.0.0.1\",\"port\":{demo}}}]}}'",
+         -d '{{\"name\":\"demo\",\"domain\":\"{DEMO_HOST}\",\"targets\":[{{\"target_id\":\"demo\",\"target_type\":\"host\",\"protocol\":\"http\",\"host\":\"127.0.0.1\",\"port\":{demo}}}]}}'",
         pat = embedded.admin_pat,
         api = args.api_addr,
         demo = args.demo_port,

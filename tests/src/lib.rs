@@ -3,4 +3,6 @@
 pub mod backend;
 pub mod certs;
 pub mod client;
+pub mod grpc_peer;
+pub mod management;
 pub mod proxy;

@@ -198,6 +198,24 @@ impl Proxy {
         self.try_health().expect("health endpoint answers")
     }
 
+    /// Waits (bounded, 15 s) until `/healthz` satisfies `pred`.
+    pub fn wait_health(&self, what: &str, pred: impl Fn(&serde_json::Value) -> bool) {
+        let deadline = Instant::now() + Duration::from_secs(15);
+        loop {
+            if let Some(h) = self.try_health()
+                && pred(&h)
+            {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "proxy never reached: {what}; log:\n{}",
+                self.log_text()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
     /// Waits (bounded) until the route table generation moves past `gen`.
     pub fn wait_table_generation_above(&self, generation: u64) {
         let deadline = Instant::now() + Duration::from_secs(10);

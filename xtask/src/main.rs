@@ -10,6 +10,8 @@ use std::time::Instant;
 
 use anyhow::{Context, Result, bail};
 
+mod postgres;
+
 /// Debian packages the test tiers use.
 const APT_PACKAGES: &[(&str, &str)] = &[
     ("curl", "curl"),
@@ -75,7 +77,7 @@ fn have(program: &str) -> bool {
         .is_ok_and(|s| s.success())
 }
 
-fn is_root() -> bool {
+pub(crate) fn is_root() -> bool {
     nix_uid() == 0
 }
 
@@ -118,6 +120,26 @@ fn ensure_apt(packages: &[(&str, &str)]) -> Result<()> {
     )
 }
 
+fn ensure_apt_forced(packages: &[&str]) -> Result<()> {
+    if !is_root() {
+        bail!(
+            "PostgreSQL server binaries are missing: apt-get install {}",
+            packages.join(" ")
+        );
+    }
+    run(
+        "apt-get update",
+        Command::new("apt-get").args(["update", "-qq"]),
+    )?;
+    run(
+        &format!("apt-get install {}", packages.join(" ")),
+        Command::new("apt-get")
+            .args(["install", "-y", "-qq", "--no-install-recommends"])
+            .args(packages)
+            .env("DEBIAN_FRONTEND", "noninteractive"),
+    )
+}
+
 fn test(args: &[String]) -> Result<()> {
     let skip_lint = args.iter().any(|a| a == "--skip-lint");
     let started = Instant::now();
@@ -146,13 +168,21 @@ fn test(args: &[String]) -> Result<()> {
         cargo().args(["build", "--release", "--workspace"]),
     )?;
     let bin = root().join("target/release/portcullis");
-    run(
+    if postgres::bin_dir().is_none() {
+        // The package is there but its server binaries are not: reinstall them.
+        ensure_apt_forced(&["postgresql"])?;
+    }
+    let pg = postgres::TestPostgres::start(&root().join("target"))?;
+    let result = run(
         "cargo test --release (unit and end-to-end tiers)",
         cargo()
             .args(["test", "--release", "--workspace", "--no-fail-fast"])
             .env("PORTCULLIS_BIN", &bin)
+            .env("PORTCULLIS_TEST_PG_URL", &pg.url)
             .env("RUST_BACKTRACE", "1"),
-    )?;
+    );
+    drop(pg);
+    result?;
     eprintln!("==> all test tiers passed in {:.0?}", started.elapsed());
     Ok(())
 }

@@ -1,0 +1,370 @@
+//! The real management server for tests: started by PID, stopped by PID, on SQLite or on the
+//! PostgreSQL that `cargo xtask test` runs (`PORTCULLIS_TEST_PG_URL`).
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::{Duration, Instant};
+
+use nix::sys::signal::{Signal, kill};
+use nix::unistd::Pid;
+use serde_json::Value;
+
+use crate::proxy::{TestDir, binary, free_port};
+
+/// Which store a test runs on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StoreKind {
+    Sqlite,
+    Postgres,
+}
+
+/// A store for one test: a SQLite file, or a fresh database on the test PostgreSQL.
+pub struct TestStore {
+    pub url: String,
+    pub kind: StoreKind,
+    pub sqlite_path: Option<PathBuf>,
+}
+
+impl TestStore {
+    /// `None` (with the reason printed) when PostgreSQL is wanted but not available here.
+    pub fn new(kind: StoreKind, dir: &TestDir) -> Option<TestStore> {
+        match kind {
+            StoreKind::Sqlite => {
+                let path = dir.0.join("management.db");
+                Some(TestStore {
+                    url: format!("sqlite://{}", path.display()),
+                    kind,
+                    sqlite_path: Some(path),
+                })
+            }
+            StoreKind::Postgres => {
+                let Ok(base) = std::env::var("PORTCULLIS_TEST_PG_URL") else {
+                    assert!(
+                        std::env::var_os("CI").is_none(),
+                        "PORTCULLIS_TEST_PG_URL is not set in CI: run the tests through `cargo xtask test`"
+                    );
+                    eprintln!(
+                        "skipping the PostgreSQL run: PORTCULLIS_TEST_PG_URL is not set (use `cargo xtask test`)"
+                    );
+                    return None;
+                };
+                static N: AtomicU32 = AtomicU32::new(0);
+                let db = format!(
+                    "t{}_{}",
+                    std::process::id(),
+                    N.fetch_add(1, Ordering::Relaxed)
+                );
+                let out = Command::new("psql")
+                    .arg(&base)
+                    .args(["-v", "ON_ERROR_STOP=1", "-q", "-c"])
+                    .arg(format!("CREATE DATABASE {db}"))
+                    .output()
+                    .expect("run psql");
+                assert!(
+                    out.status.success(),
+                    "create database: {}",
+                    String::from_utf8_lossy(&out.stderr)
+                );
+                let url = match base.rsplit_once('/') {
+                    Some((prefix, _)) => format!("{prefix}/{db}"),
+                    None => panic!("PORTCULLIS_TEST_PG_URL must end with /DATABASE"),
+                };
+                Some(TestStore {
+                    url,
+                    kind,
+                    sqlite_path: None,
+                })
+            }
+        }
+    }
+
+    /// Everything the store holds, as text, to look for secrets in.
+    pub fn dump(&self) -> String {
+        match self.kind {
+            StoreKind::Sqlite => {
+                let path = self.sqlite_path.as_ref().expect("sqlite path");
+                let mut all = Vec::new();
+                for suffix in ["", "-wal", "-shm"] {
+                    let p = PathBuf::from(format!("{}{suffix}", path.display()));
+                    if let Ok(bytes) = std::fs::read(&p) {
+                        all.extend(bytes);
+                    }
+                }
+                String::from_utf8_lossy(&all).into_owned()
+            }
+            StoreKind::Postgres => {
+                let out = Command::new("pg_dump")
+                    .arg(&self.url)
+                    .args(["--data-only", "--inserts"])
+                    .output()
+                    .expect("run pg_dump");
+                assert!(
+                    out.status.success(),
+                    "pg_dump: {}",
+                    String::from_utf8_lossy(&out.stderr)
+                );
+                String::from_utf8_lossy(&out.stdout).into_owned()
+            }
+        }
+    }
+}
+
+/// A running management server.
+pub struct Management {
+    child: Option<Child>,
+    pub pid: u32,
+    pub store_url: String,
+    pub grpc_port: u16,
+    pub http_port: u16,
+    pub log: PathBuf,
+    heartbeat: String,
+}
+
+impl Management {
+    pub fn start(dir: &TestDir, store_url: &str, heartbeat: &str) -> Management {
+        Self::start_on(dir, store_url, heartbeat, free_port(), free_port())
+    }
+
+    pub fn start_on(
+        dir: &TestDir,
+        store_url: &str,
+        heartbeat: &str,
+        grpc_port: u16,
+        http_port: u16,
+    ) -> Management {
+        static N: AtomicU32 = AtomicU32::new(0);
+        let log = dir.0.join(format!(
+            "management-{}.log",
+            N.fetch_add(1, Ordering::Relaxed)
+        ));
+        let file = std::fs::File::create(&log).expect("log file");
+        let child = Command::new(binary())
+            .args(["management", "serve"])
+            .env("PORTCULLIS_STORE_URL", store_url)
+            .env("PORTCULLIS_GRPC_ADDRESS", format!("127.0.0.1:{grpc_port}"))
+            .env("PORTCULLIS_HTTP_ADDRESS", format!("127.0.0.1:{http_port}"))
+            .env("PORTCULLIS_HEARTBEAT_INTERVAL", heartbeat)
+            .env("RUST_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(file.try_clone().expect("log"))
+            .stderr(file)
+            .spawn()
+            .expect("start management");
+        let m = Management {
+            pid: child.id(),
+            child: Some(child),
+            store_url: store_url.to_string(),
+            grpc_port,
+            http_port,
+            log,
+            heartbeat: heartbeat.to_string(),
+        };
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while Instant::now() < deadline {
+            if let Ok((401, _)) = request(http_port, "GET", "/api/users", None, None) {
+                return m;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        panic!("management did not start; log:\n{}", m.log_text());
+    }
+
+    /// Stops (SIGTERM, then SIGKILL after 10 s) and starts again on the same ports and store.
+    pub fn restart(&mut self, dir: &TestDir) {
+        self.stop();
+        let again = Management::start_on(
+            dir,
+            &self.store_url.clone(),
+            &self.heartbeat.clone(),
+            self.grpc_port,
+            self.http_port,
+        );
+        *self = again;
+    }
+
+    pub fn stop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = kill(Pid::from_raw(self.pid as i32), Signal::SIGTERM);
+            let deadline = Instant::now() + Duration::from_secs(10);
+            loop {
+                if let Ok(Some(_)) = child.try_wait() {
+                    break;
+                }
+                if Instant::now() >= deadline {
+                    let _ = child.kill();
+                    let _ = child.wait();
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        }
+    }
+
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    pub fn grpc_url(&self) -> String {
+        format!("http://127.0.0.1:{}", self.grpc_port)
+    }
+
+    /// Creates an account with an owner through the CLI; returns (account id, owner PAT).
+    pub fn bootstrap(&self, email: &str) -> (String, String) {
+        let out = Command::new(binary())
+            .args(["management", "bootstrap", "--email", email])
+            .env("PORTCULLIS_STORE_URL", &self.store_url)
+            .output()
+            .expect("bootstrap");
+        assert!(
+            out.status.success(),
+            "bootstrap: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        let account = text
+            .lines()
+            .find_map(|l| l.strip_prefix("account "))
+            .expect("account line")
+            .trim()
+            .to_string();
+        let pat = text
+            .lines()
+            .find_map(|l| l.split("(shown once): ").nth(1))
+            .expect("token line")
+            .trim()
+            .to_string();
+        (account, pat)
+    }
+
+    /// A management-wide proxy token through the CLI.
+    pub fn shared_token(&self, name: &str) -> String {
+        let out = Command::new(binary())
+            .args(["management", "proxy-token", "--shared", "--name", name])
+            .env("PORTCULLIS_STORE_URL", &self.store_url)
+            .output()
+            .expect("proxy-token");
+        assert!(
+            out.status.success(),
+            "proxy-token: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout)
+            .split("(shown once): ")
+            .nth(1)
+            .expect("token")
+            .trim()
+            .to_string()
+    }
+
+    pub fn api(&self, pat: &str) -> Api {
+        Api {
+            port: self.http_port,
+            pat: pat.to_string(),
+        }
+    }
+}
+
+impl Drop for Management {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = kill(Pid::from_raw(self.pid as i32), Signal::SIGKILL);
+            let _ = child.wait();
+        }
+        if std::thread::panicking() {
+            eprintln!(
+                "--- management log ({}) ---\n{}",
+                self.log.display(),
+                self.log_text()
+            );
+        }
+    }
+}
+
+/// The REST API as one user sees it.
+pub struct Api {
+    pub port: u16,
+    pub pat: String,
+}
+
+impl Api {
+    pub fn call(&self, method: &str, path: &str, body: Option<&Value>) -> (u16, Value) {
+        request(self.port, method, path, Some(&self.pat), body).expect("REST call")
+    }
+
+    pub fn ok(&self, method: &str, path: &str, body: Option<&Value>) -> Value {
+        let (status, v) = self.call(method, path, body);
+        assert_eq!(status, 200, "{method} {path} → {status}: {v}");
+        v
+    }
+
+    pub fn create_proxy_token(&self, name: &str) -> (String, String) {
+        let v = self.ok(
+            "POST",
+            "/api/reverse-proxies/proxy-tokens",
+            Some(&serde_json::json!({"name": name, "expires_in": 0})),
+        );
+        (
+            v["id"].as_str().expect("id").to_string(),
+            v["plain_token"].as_str().expect("plain_token").to_string(),
+        )
+    }
+
+    /// Creates an http service with one target on loopback; returns its id.
+    pub fn create_service(&self, name: &str, domain: &str, port: u16) -> String {
+        let v = self.ok(
+            "POST",
+            "/api/reverse-proxies/services",
+            Some(&service_body(name, domain, port)),
+        );
+        v["id"].as_str().expect("id").to_string()
+    }
+
+    pub fn clusters(&self) -> Vec<Value> {
+        self.ok("GET", "/api/reverse-proxies/clusters", None)
+            .as_array()
+            .cloned()
+            .unwrap_or_default()
+    }
+}
+
+pub fn service_body(name: &str, domain: &str, port: u16) -> Value {
+    serde_json::json!({
+        "name": name,
+        "domain": domain,
+        "targets": [{"target_id": name, "target_type": "host", "protocol": "http",
+                     "host": "127.0.0.1", "port": port}],
+    })
+}
+
+/// One HTTP/1.1 request with `Connection: close`, bounded by a 10 s timeout.
+pub fn request(
+    port: u16,
+    method: &str,
+    path: &str,
+    pat: Option<&str>,
+    body: Option<&Value>,
+) -> std::io::Result<(u16, Value)> {
+    let mut s = TcpStream::connect(("127.0.0.1", port))?;
+    s.set_read_timeout(Some(Duration::from_secs(10)))?;
+    let body = body.map(|b| b.to_string()).unwrap_or_default();
+    let auth = pat
+        .map(|p| format!("Authorization: Token {p}\r\n"))
+        .unwrap_or_default();
+    write!(
+        s,
+        "{method} {path} HTTP/1.1\r\nHost: 127.0.0.1\r\n{auth}Content-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    )?;
+    let mut raw = Vec::new();
+    s.read_to_end(&mut raw)?;
+    let resp = crate::client::parse_response(&raw);
+    let json = if resp.body.is_empty() {
+        Value::Null
+    } else {
+        serde_json::from_slice(&resp.body).unwrap_or(Value::String(resp.text()))
+    };
+    Ok((resp.status, json))
+}
