@@ -5,4 +5,5 @@ pub mod certs;
 pub mod client;
 pub mod grpc_peer;
 pub mod management;
+pub mod process;
 pub mod proxy;

@@ -4,14 +4,13 @@
 use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
-use nix::sys::signal::{Signal, kill};
-use nix::unistd::Pid;
 use serde_json::Value;
 
+use crate::process::Supervised;
 use crate::proxy::{TestDir, binary, free_port};
 
 /// Which store a test runs on.
@@ -114,7 +113,7 @@ impl TestStore {
 
 /// A running management server.
 pub struct Management {
-    child: Option<Child>,
+    process: Supervised,
     pub pid: u32,
     pub store_url: String,
     pub grpc_port: u16,
@@ -140,22 +139,20 @@ impl Management {
             "management-{}.log",
             N.fetch_add(1, Ordering::Relaxed)
         ));
-        let file = std::fs::File::create(&log).expect("log file");
-        let child = Command::new(binary())
-            .args(["management", "serve"])
-            .env("PORTCULLIS_STORE_URL", store_url)
-            .env("PORTCULLIS_GRPC_ADDRESS", format!("127.0.0.1:{grpc_port}"))
-            .env("PORTCULLIS_HTTP_ADDRESS", format!("127.0.0.1:{http_port}"))
-            .env("PORTCULLIS_HEARTBEAT_INTERVAL", heartbeat)
-            .env("RUST_LOG", "info")
-            .stdin(Stdio::null())
-            .stdout(file.try_clone().expect("log"))
-            .stderr(file)
-            .spawn()
-            .expect("start management");
+        let process = Supervised::spawn(
+            Command::new(binary())
+                .args(["management", "serve"])
+                .env("PORTCULLIS_STORE_URL", store_url)
+                .env("PORTCULLIS_GRPC_ADDRESS", format!("127.0.0.1:{grpc_port}"))
+                .env("PORTCULLIS_HTTP_ADDRESS", format!("127.0.0.1:{http_port}"))
+                .env("PORTCULLIS_HEARTBEAT_INTERVAL", heartbeat)
+                .env("RUST_LOG", "info"),
+            "management",
+            log.clone(),
+        );
         let m = Management {
-            pid: child.id(),
-            child: Some(child),
+            pid: process.pid,
+            process,
             store_url: store_url.to_string(),
             grpc_port,
             http_port,
@@ -186,25 +183,11 @@ impl Management {
     }
 
     pub fn stop(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            let _ = kill(Pid::from_raw(self.pid as i32), Signal::SIGTERM);
-            let deadline = Instant::now() + Duration::from_secs(10);
-            loop {
-                if let Ok(Some(_)) = child.try_wait() {
-                    break;
-                }
-                if Instant::now() >= deadline {
-                    let _ = child.kill();
-                    let _ = child.wait();
-                    break;
-                }
-                std::thread::sleep(Duration::from_millis(20));
-            }
-        }
+        let _ = self.process.terminate(Duration::from_secs(10));
     }
 
     pub fn log_text(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
+        self.process.log_text()
     }
 
     pub fn grpc_url(&self) -> String {
@@ -263,22 +246,6 @@ impl Management {
         Api {
             port: self.http_port,
             pat: pat.to_string(),
-        }
-    }
-}
-
-impl Drop for Management {
-    fn drop(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            let _ = kill(Pid::from_raw(self.pid as i32), Signal::SIGKILL);
-            let _ = child.wait();
-        }
-        if std::thread::panicking() {
-            eprintln!(
-                "--- management log ({}) ---\n{}",
-                self.log.display(),
-                self.log_text()
-            );
         }
     }
 }

@@ -2,14 +2,12 @@
 
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitStatus, Stdio};
+use std::process::{Command, ExitStatus};
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
-use nix::sys::signal::{Signal, kill};
-use nix::unistd::Pid;
-
 use crate::certs::{TestCa, atomic_write};
+use crate::process::Supervised;
 
 /// Path of the proxy binary: `PORTCULLIS_BIN`, else next to the test executable's profile dir.
 pub fn binary() -> PathBuf {
@@ -91,7 +89,7 @@ impl ProxyOptions {
 
 /// A running proxy.
 pub struct Proxy {
-    child: Option<Child>,
+    process: Supervised,
     pub pid: u32,
     pub dir: TestDir,
     pub ca: TestCa,
@@ -115,7 +113,6 @@ impl Proxy {
         let http_port = free_port();
         let health_port = free_port();
         let log = dir.0.join("proxy.log");
-        let log_file = std::fs::File::create(&log).expect("log file");
         let mut cmd = Command::new(binary());
         cmd.arg("proxy")
             .env_remove("NB_PROXY_TOKEN")
@@ -136,18 +133,14 @@ impl Proxy {
             .env("NB_PROXY_MAPPINGS_FILE", &mappings)
             .env("NB_PROXY_WORKERS", opts.workers.to_string())
             .env("NB_PROXY_RELOAD_INTERVAL", "200ms")
-            .env("NB_PROXY_LOG_LEVEL", "debug")
-            .stdin(Stdio::null())
-            .stdout(log_file.try_clone().expect("log file"))
-            .stderr(log_file);
+            .env("NB_PROXY_LOG_LEVEL", "debug");
         for (k, v) in &opts.env {
             cmd.env(k, v);
         }
-        let child = cmd.spawn().expect("start portcullis");
-        let pid = child.id();
+        let process = Supervised::spawn(&mut cmd, "proxy", log.clone());
         let proxy = Proxy {
-            child: Some(child),
-            pid,
+            pid: process.pid,
+            process,
             dir,
             ca,
             https_port,
@@ -173,7 +166,7 @@ impl Proxy {
     }
 
     pub fn log_text(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
+        self.process.log_text()
     }
 
     pub fn ca_path(&self) -> PathBuf {
@@ -245,39 +238,12 @@ impl Proxy {
 
     /// Sends SIGTERM and waits (bounded) for the exit status.
     pub fn terminate(&mut self, within: Duration) -> ExitStatus {
-        let _ = kill(Pid::from_raw(self.pid as i32), Signal::SIGTERM);
-        let mut child = self.child.take().expect("running");
-        let deadline = Instant::now() + within;
-        loop {
-            if let Ok(Some(status)) = child.try_wait() {
-                return status;
-            }
-            if Instant::now() >= deadline {
-                let _ = child.kill();
-                let _ = child.wait();
-                panic!("proxy did not exit within {within:?} after SIGTERM");
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        self.process
+            .terminate(within)
+            .unwrap_or_else(|| panic!("proxy did not exit within {within:?} after SIGTERM"))
     }
 
     pub fn url(&self, host: &str, path: &str) -> String {
         format!("https://{host}:{}{path}", self.https_port)
-    }
-}
-
-impl Drop for Proxy {
-    fn drop(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            let _ = kill(Pid::from_raw(self.pid as i32), Signal::SIGKILL);
-            let _ = child.wait();
-        }
-        if std::thread::panicking() {
-            eprintln!(
-                "--- proxy log ({}) ---\n{}",
-                self.log.display(),
-                self.log_text()
-            );
-        }
     }
 }

@@ -1,6 +1,7 @@
 //! `cargo xtask …`: project chores that need more than cargo alone.
 //!
-//! - `test`: installs what the tests need, checks formatting and lints, builds, runs every tier.
+//! - `test`: installs what the tests need, checks formatting and lints, builds, runs every tier
+//!   (unit, end-to-end on SQLite and PostgreSQL, a deterministic fuzz smoke run).
 //! - `fuzz [SECONDS]`: runs each fuzz target for a while (installs cargo-fuzz on first use).
 //! - `up`: builds and runs `portcullis up`.
 
@@ -107,26 +108,10 @@ fn ensure_apt(packages: &[(&str, &str)]) -> Result<()> {
             missing.join(" ")
         );
     }
-    run(
-        "apt-get update",
-        Command::new("apt-get").args(["update", "-qq"]),
-    )?;
-    run(
-        &format!("apt-get install {}", missing.join(" ")),
-        Command::new("apt-get")
-            .args(["install", "-y", "-qq", "--no-install-recommends"])
-            .args(&missing)
-            .env("DEBIAN_FRONTEND", "noninteractive"),
-    )
+    apt_install(&missing)
 }
 
-fn ensure_apt_forced(packages: &[&str]) -> Result<()> {
-    if !is_root() {
-        bail!(
-            "PostgreSQL server binaries are missing: apt-get install {}",
-            packages.join(" ")
-        );
-    }
+fn apt_install(packages: &[&str]) -> Result<()> {
     run(
         "apt-get update",
         Command::new("apt-get").args(["update", "-qq"]),
@@ -138,6 +123,16 @@ fn ensure_apt_forced(packages: &[&str]) -> Result<()> {
             .args(packages)
             .env("DEBIAN_FRONTEND", "noninteractive"),
     )
+}
+
+fn ensure_apt_forced(packages: &[&str]) -> Result<()> {
+    if !is_root() {
+        bail!(
+            "PostgreSQL server binaries are missing: apt-get install {}",
+            packages.join(" ")
+        );
+    }
+    apt_install(packages)
 }
 
 fn test(args: &[String]) -> Result<()> {
@@ -183,7 +178,87 @@ fn test(args: &[String]) -> Result<()> {
     );
     drop(pg);
     result?;
+    if have_nightly() {
+        run_fuzz_targets(FuzzBudget::Deterministic)?;
+    } else {
+        eprintln!(
+            "==> skipping the fuzz smoke tier: no nightly toolchain here (cargo-fuzz needs it)"
+        );
+    }
     eprintln!("==> all test tiers passed in {:.0?}", started.elapsed());
+    Ok(())
+}
+
+/// Every cargo-fuzz target in `fuzz/`.
+const FUZZ_TARGETS: &[(&str, u32)] = &[
+    // (target, runs in the smoke tier)
+    ("request_head", 2_000_000),
+    ("chunked_body", 2_000_000),
+    ("mappings_file", 300_000),
+];
+
+fn have_nightly() -> bool {
+    Command::new("rustup")
+        .args(["run", "nightly", "rustc", "--version"])
+        .output()
+        .is_ok_and(|o| o.status.success())
+}
+
+fn ensure_cargo_fuzz() -> Result<()> {
+    if have("cargo-fuzz") {
+        return Ok(());
+    }
+    run(
+        "cargo install cargo-fuzz",
+        cargo().args(["install", "cargo-fuzz", "--locked"]),
+    )
+}
+
+/// How long or how far each target runs.
+enum FuzzBudget {
+    Seconds(u64),
+    /// A fixed seed and run count: the same inputs every time, so a green run stays green.
+    Deterministic,
+}
+
+fn run_fuzz_targets(budget: FuzzBudget) -> Result<()> {
+    ensure_cargo_fuzz()?;
+    let work = root().join("target/fuzz-smoke");
+    for (target, runs) in FUZZ_TARGETS {
+        // `+nightly` is understood by the rustup proxy, not by the toolchain's own cargo.
+        let mut cmd = Command::new("cargo");
+        cmd.args(["+nightly", "fuzz", "run", target])
+            .current_dir(root().join("fuzz"));
+        let limits = match budget {
+            FuzzBudget::Seconds(s) => vec![format!("-max_total_time={s}")],
+            FuzzBudget::Deterministic => {
+                // An empty corpus each time, so every machine runs exactly the same inputs.
+                let corpus = work.join(target);
+                let _ = std::fs::remove_dir_all(&corpus);
+                std::fs::create_dir_all(&corpus)?;
+                cmd.arg(&corpus);
+                vec!["-seed=1".to_string(), format!("-runs={runs}")]
+            }
+        };
+        cmd.arg("--").args(&limits);
+        let what = format!("fuzz {target} ({})", limits.join(" "));
+        if let FuzzBudget::Seconds(_) = budget {
+            run(&what, &mut cmd)?;
+            continue;
+        }
+        std::fs::create_dir_all(&work)?;
+        let log_path = work.join(format!("{target}.log"));
+        let log = std::fs::File::create(&log_path)?;
+        cmd.stdout(log.try_clone()?).stderr(log);
+        if let Err(e) = run(&what, &mut cmd) {
+            let text = std::fs::read_to_string(&log_path).unwrap_or_default();
+            let tail: Vec<&str> = text.lines().rev().take(80).collect();
+            for line in tail.iter().rev() {
+                eprintln!("    {line}");
+            }
+            return Err(e.context(format!("full log: {}", log_path.display())));
+        }
+    }
     Ok(())
 }
 
@@ -192,23 +267,7 @@ fn fuzz(args: &[String]) -> Result<()> {
         Some(s) => s.parse().context("fuzz: SECONDS must be a number")?,
         None => 60,
     };
-    if !have("cargo-fuzz") {
-        run(
-            "cargo install cargo-fuzz",
-            cargo().args(["install", "cargo-fuzz", "--locked"]),
-        )?;
-    }
-    for target in ["request_head", "chunked_body", "mappings_file"] {
-        run(
-            &format!("fuzz {target} for {seconds}s"),
-            // `+nightly` is understood by the rustup proxy, not by the toolchain's own cargo.
-            Command::new("cargo")
-                .args(["+nightly", "fuzz", "run", target, "--"])
-                .arg(format!("-max_total_time={seconds}"))
-                .current_dir(root().join("fuzz")),
-        )?;
-    }
-    Ok(())
+    run_fuzz_targets(FuzzBudget::Seconds(seconds))
 }
 
 fn up(args: &[String]) -> Result<()> {

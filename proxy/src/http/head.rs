@@ -144,9 +144,13 @@ impl Fields {
 }
 
 /// httparse borrows from the caller's buffer; our copy has the same layout, so offsets carry over.
+/// Some values are not in the buffer at all (httparse hands back a static `""` for a reason
+/// phrase that is not UTF-8): those become empty.
 fn rebase<'a>(s: &[u8], base: &[u8], copy: &'a [u8]) -> &'a [u8] {
-    let start = s.as_ptr() as usize - base.as_ptr() as usize;
-    &copy[start..start + s.len()]
+    match (s.as_ptr() as usize).checked_sub(base.as_ptr() as usize) {
+        Some(start) if start.saturating_add(s.len()) <= copy.len() => &copy[start..start + s.len()],
+        _ => &copy[..0],
+    }
 }
 
 #[derive(Debug, Default)]
@@ -569,6 +573,23 @@ mod tests {
         .unwrap();
         assert_eq!((r.framing, r.keep_alive), (Framing::Chunked, false));
         assert_eq!(r.reason(), b"OK");
+    }
+
+    #[test]
+    fn non_utf8_reason_phrase() {
+        // Found by the request_head fuzz target: httparse returns a reason outside the buffer.
+        let raw = b"HTTP/1.0 401 \xff\xe8\xffH. z\r\nContent-Length: 0\r\n\r\n";
+        let mut r = ResponseHead::default();
+        assert!(r.parse(raw, false).unwrap().is_some());
+        assert_eq!(r.status, 401);
+        let crash: &[u8] = &[
+            10, 10, 72, 84, 84, 80, 47, 49, 46, 48, 32, 52, 48, 49, 32, 255, 232, 255, 72, 46, 32,
+            122, 32, 72, 84, 84, 80, 47, 49, 46, 48, 10, 84, 58, 255, 255, 46, 32, 9, 10, 72, 84,
+            84, 50, 58, 255, 255, 46, 10, 13, 10, 13, 10, 13, 0, 0, 0, 0, 0, 0, 255, 255, 255, 10,
+            48, 0, 0, 32, 9, 10, 10,
+        ];
+        let _ = r.parse(crash, false);
+        let _ = r.parse(crash, true);
     }
 
     #[test]
