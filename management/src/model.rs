@@ -156,6 +156,14 @@ impl ServiceRequest {
             (None, Some(c)) => Some(c.trim().trim_end_matches('.').to_ascii_lowercase()),
             (None, None) => None,
         };
+        // Refuse rather than ignore: a service published without the protection its owner asked
+        // for would be worse than an error.
+        if self.auth.as_ref().is_some_and(asks_for_auth) {
+            return invalid(
+                "authentication (password, pin, bearer, header) is not supported by this management \
+                 server yet; remove `auth` or leave every method disabled",
+            );
+        }
         let mode = self.mode.unwrap_or_default();
         let mode = if mode.is_empty() {
             "http".to_string()
@@ -197,6 +205,21 @@ impl ServiceRequest {
             },
             enabled: self.enabled,
         })
+    }
+}
+
+/// True when an `auth` section enables any method (NetBird shape: `{"password_auth":
+/// {"enabled": true, …}, "header_auths": [{"enabled": true, …}], …}`).
+fn asks_for_auth(auth: &serde_json::Value) -> bool {
+    match auth {
+        serde_json::Value::Null => false,
+        serde_json::Value::Object(methods) => methods.values().any(|m| match m {
+            serde_json::Value::Array(list) => list.iter().any(|e| e["enabled"] != false),
+            serde_json::Value::Object(_) => m["enabled"] != false,
+            serde_json::Value::Null => false,
+            _ => true,
+        }),
+        _ => true,
     }
 }
 
@@ -483,9 +506,15 @@ mod tests {
                 .0
                 .contains("used by another target")
         );
-        let mut hdr = base;
+        let mut hdr = base.clone();
         hdr["targets"][0]["options"] = serde_json::json!({"custom_headers": {"Host": "x"}});
         assert!(request(hdr).unwrap_err().0.contains("managed by the proxy"));
+        let mut auth = base.clone();
+        auth["auth"] = serde_json::json!({"password_auth": {"enabled": true, "password": "x"}});
+        assert!(request(auth).unwrap_err().0.contains("not supported"));
+        let mut off = base;
+        off["auth"] = serde_json::json!({"password_auth": {"enabled": false}, "header_auths": []});
+        assert!(request(off).is_ok(), "disabled methods are fine");
     }
 
     #[test]

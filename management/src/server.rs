@@ -18,6 +18,8 @@ pub struct ManagementConfig {
     pub store_url: String,
     /// How often open proxy streams re-check their token (NetBird: 60 s).
     pub heartbeat: Duration,
+    /// PEM certificate chain and key for the gRPC listener; plaintext when `None`.
+    pub grpc_tls: Option<(Vec<u8>, Vec<u8>)>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -43,6 +45,7 @@ pub struct Management {
     grpc: TcpListener,
     http: TcpListener,
     heartbeat: Duration,
+    grpc_tls: Option<(Vec<u8>, Vec<u8>)>,
 }
 
 impl Management {
@@ -61,6 +64,7 @@ impl Management {
             grpc,
             http,
             heartbeat: config.heartbeat,
+            grpc_tls: config.grpc_tls.clone(),
         })
     }
 
@@ -88,7 +92,13 @@ impl Management {
             let _ = stop_tx.send(true);
         });
         let mut grpc_stop = stop_rx.clone();
-        let grpc = tonic::transport::Server::builder()
+        let mut builder = tonic::transport::Server::builder();
+        if let Some((cert, key)) = &self.grpc_tls {
+            let identity = tonic::transport::Identity::from_pem(cert, key);
+            builder =
+                builder.tls_config(tonic::transport::ServerTlsConfig::new().identity(identity))?;
+        }
+        let grpc = builder
             .http2_keepalive_interval(Some(Duration::from_secs(20)))
             .http2_keepalive_timeout(Some(Duration::from_secs(20)))
             .add_service(ProxyServiceServer::new(svc))

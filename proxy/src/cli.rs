@@ -69,6 +69,9 @@ pub struct ProxyArgs {
     /// Proxy token sent to management as `authorization: Bearer <token>`.
     #[arg(long = "token", env = "NB_PROXY_TOKEN", hide_env_values = true)]
     pub token: Option<String>,
+    /// Extra CA certificate (PEM) trusted for an https:// management, besides the system roots.
+    #[arg(long = "mgmt-ca-file", env = "NB_PROXY_MANAGEMENT_CA_FILE")]
+    pub management_ca_file: Option<PathBuf>,
     /// Allow sending the token over plaintext http://.
     #[arg(long, env = "NB_PROXY_ALLOW_INSECURE", action = ArgAction::Set, num_args = 0..=1, default_value_t = false, default_missing_value = "true")]
     pub allow_insecure: bool,

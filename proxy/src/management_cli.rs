@@ -75,6 +75,20 @@ pub struct ServeArgs {
         default_value = "60s"
     )]
     pub heartbeat: String,
+    /// PEM certificate (chain) for the gRPC listener; with --tls-key-file, proxies dial https://.
+    #[arg(
+        long = "tls-cert-file",
+        env = "PORTCULLIS_TLS_CERT_FILE",
+        requires = "tls_key_file"
+    )]
+    pub tls_cert_file: Option<PathBuf>,
+    /// PEM private key for --tls-cert-file.
+    #[arg(
+        long = "tls-key-file",
+        env = "PORTCULLIS_TLS_KEY_FILE",
+        requires = "tls_cert_file"
+    )]
+    pub tls_key_file: Option<PathBuf>,
 }
 
 #[derive(Debug, Args)]
@@ -165,11 +179,30 @@ async fn serve(a: &ServeArgs) -> Result<i32, ManagementCliError> {
             "PORTCULLIS_HEARTBEAT_INTERVAL must be above zero".into(),
         ));
     }
+    let grpc_tls = match (&a.tls_cert_file, &a.tls_key_file) {
+        (Some(c), Some(k)) => {
+            let read = |p: &PathBuf| {
+                std::fs::read(p).map_err(|e| {
+                    ManagementCliError::Usage(format!("cannot read {}: {e}", p.display()))
+                })
+            };
+            Some((read(c)?, read(k)?))
+        }
+        _ => None,
+    };
+    if grpc_tls.is_none() && !a.grpc_addr.ip().is_loopback() {
+        tracing::warn!(
+            grpc = %a.grpc_addr,
+            "gRPC for proxies is plaintext: proxy tokens cross the network unencrypted; set \
+             PORTCULLIS_TLS_CERT_FILE and PORTCULLIS_TLS_KEY_FILE"
+        );
+    }
     let config = ManagementConfig {
         grpc_listen: a.grpc_addr,
         http_listen: a.http_addr,
         store_url: a.store.url().map_err(ManagementCliError::DataDir)?,
         heartbeat,
+        grpc_tls,
     };
     let m = Management::bind(&config).await?;
     tracing::info!(

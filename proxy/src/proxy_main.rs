@@ -53,6 +53,7 @@ pub fn run(args: &ProxyArgs) -> Result<i32, StartError> {
             args.domain.as_deref(),
             proxy_id(args, &config),
             args.not_yet.require_subdomain.as_deref() == Some("true"),
+            args.management_ca_file.as_deref(),
         )?),
         None => None,
     };

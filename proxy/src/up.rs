@@ -141,6 +141,8 @@ fn start_management(args: &UpArgs) -> Result<Embedded, UpError> {
         http_listen: args.api_addr,
         store_url: crate::management_cli::sqlite_url(&args.data_dir.join("management.db")),
         heartbeat: crate::management_cli::UP_HEARTBEAT,
+        // Everything stays on loopback.
+        grpc_tls: None,
     };
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(1)

@@ -120,11 +120,22 @@ pub struct Management {
     pub http_port: u16,
     pub log: PathBuf,
     heartbeat: String,
+    env: Vec<(String, String)>,
 }
 
 impl Management {
     pub fn start(dir: &TestDir, store_url: &str, heartbeat: &str) -> Management {
-        Self::start_on(dir, store_url, heartbeat, free_port(), free_port())
+        Self::start_on(dir, store_url, heartbeat, free_port(), free_port(), &[])
+    }
+
+    /// `start` with extra environment (e.g. TLS files).
+    pub fn start_with_env(
+        dir: &TestDir,
+        store_url: &str,
+        heartbeat: &str,
+        env: &[(String, String)],
+    ) -> Management {
+        Self::start_on(dir, store_url, heartbeat, free_port(), free_port(), env)
     }
 
     pub fn start_on(
@@ -133,6 +144,7 @@ impl Management {
         heartbeat: &str,
         grpc_port: u16,
         http_port: u16,
+        env: &[(String, String)],
     ) -> Management {
         static N: AtomicU32 = AtomicU32::new(0);
         let log = dir.0.join(format!(
@@ -146,7 +158,8 @@ impl Management {
                 .env("PORTCULLIS_GRPC_ADDRESS", format!("127.0.0.1:{grpc_port}"))
                 .env("PORTCULLIS_HTTP_ADDRESS", format!("127.0.0.1:{http_port}"))
                 .env("PORTCULLIS_HEARTBEAT_INTERVAL", heartbeat)
-                .env("RUST_LOG", "info"),
+                .env("RUST_LOG", "info")
+                .envs(env.iter().map(|(k, v)| (k, v))),
             "management",
             log.clone(),
         );
@@ -158,6 +171,7 @@ impl Management {
             http_port,
             log,
             heartbeat: heartbeat.to_string(),
+            env: env.to_vec(),
         };
         let deadline = Instant::now() + Duration::from_secs(20);
         while Instant::now() < deadline {
@@ -178,6 +192,7 @@ impl Management {
             &self.heartbeat.clone(),
             self.grpc_port,
             self.http_port,
+            &self.env.clone(),
         );
         *self = again;
     }

@@ -453,6 +453,51 @@ fn tokens_are_never_stored_or_logged_on(kind: StoreKind) {
 }
 
 #[test]
+fn proxies_reach_management_over_tls() {
+    let dir = TestDir::new("mgmt-tls");
+    let store = TestStore::new(StoreKind::Sqlite, &dir).expect("sqlite");
+    let ca = tests::certs::TestCa::new();
+    ca.write_leaf(&dir.0, "mgmt", &ca.leaf(&["localhost"]));
+    std::fs::write(dir.0.join("mgmt-ca.pem"), &ca.pem).expect("ca file");
+    let env = [
+        (
+            "PORTCULLIS_TLS_CERT_FILE".to_string(),
+            dir.0.join("mgmt.crt").display().to_string(),
+        ),
+        (
+            "PORTCULLIS_TLS_KEY_FILE".to_string(),
+            dir.0.join("mgmt.key").display().to_string(),
+        ),
+    ];
+    let m = Management::start_with_env(&dir, &store.url, "1s", &env);
+    let (_, pat) = m.bootstrap("tls@example.test");
+    let api = m.api(&pat);
+    let (_, token) = api.create_proxy_token("tls");
+    let mut opts = ProxyOptions::new("")
+        .env(
+            "NB_PROXY_MANAGEMENT_ADDRESS",
+            &format!("https://localhost:{}", m.grpc_port),
+        )
+        .env(
+            "NB_PROXY_MANAGEMENT_CA_FILE",
+            &dir.0.join("mgmt-ca.pem").display().to_string(),
+        )
+        .env("NB_PROXY_TOKEN", &token)
+        .env("NB_PROXY_DOMAIN", "tls.test");
+    opts.cert_names = vec!["*.tls.test".to_string()];
+    let proxy = Proxy::start(opts);
+    proxy.wait_health("initial sync over TLS", |h| {
+        h["initial_sync_complete"] == true
+    });
+    let t = Backend::start("t");
+    api.create_service("svc", "svc.tls.test", t.port());
+    served_within(&proxy, "svc.tls.test", Duration::from_secs(1));
+    // A plaintext dial to the TLS listener does not get in.
+    let err = StreamObserver::connect(&m.grpc_url(), &token, "tls.test", "plain").err();
+    assert!(err.is_some(), "plaintext gRPC reached a TLS-only listener");
+}
+
+#[test]
 fn up_prints_a_curl_line_that_works() {
     let dir = TestDir::new("up");
     let ports: Vec<u16> = (0..6).map(|_| tests::proxy::free_port()).collect();

@@ -36,6 +36,8 @@ pub enum ManagementError {
     NoDomain,
     #[error("the proxy token is not valid in gRPC metadata")]
     BadToken,
+    #[error("cannot read NB_PROXY_MANAGEMENT_CA_FILE {path}: {message}")]
+    CaFile { path: String, message: String },
 }
 
 /// Everything needed to talk to management.
@@ -56,6 +58,7 @@ impl ManagementLink {
         domain: Option<&str>,
         proxy_id: String,
         require_subdomain: bool,
+        ca_file: Option<&std::path::Path>,
     ) -> Result<Self, ManagementError> {
         let bad = |message: String| ManagementError::BadAddress {
             address: address.to_string(),
@@ -73,9 +76,15 @@ impl ManagementLink {
             .keep_alive_timeout(Duration::from_secs(20))
             .keep_alive_while_idle(true);
         if address.starts_with("https://") {
-            endpoint = endpoint
-                .tls_config(ClientTlsConfig::new().with_native_roots())
-                .map_err(|e| bad(e.to_string()))?;
+            let mut tls = ClientTlsConfig::new().with_native_roots();
+            if let Some(path) = ca_file {
+                let pem = std::fs::read(path).map_err(|e| ManagementError::CaFile {
+                    path: path.display().to_string(),
+                    message: e.to_string(),
+                })?;
+                tls = tls.ca_certificate(tonic::transport::Certificate::from_pem(pem));
+            }
+            endpoint = endpoint.tls_config(tls).map_err(|e| bad(e.to_string()))?;
         } else if address.starts_with("http://") {
             if !allow_insecure {
                 return Err(ManagementError::Insecure(address.to_string()));
@@ -393,6 +402,7 @@ mod tests {
             Some("p.example"),
             "id".into(),
             false,
+            None,
         )
         .err()
         .expect("refused");
@@ -404,12 +414,21 @@ mod tests {
                 true,
                 Some("p.example"),
                 "id".into(),
-                false
+                false,
+                None
             )
             .is_ok()
         );
         assert!(matches!(
-            ManagementLink::new("https://m.example", "t", false, None, "id".into(), false),
+            ManagementLink::new(
+                "https://m.example",
+                "t",
+                false,
+                None,
+                "id".into(),
+                false,
+                None
+            ),
             Err(ManagementError::NoDomain)
         ));
     }
