@@ -29,12 +29,25 @@ pub fn binary() -> PathBuf {
     bin
 }
 
-/// A port that was free a moment ago.
+/// A port to listen on that is free now and no other test of this run will be handed.
+///
+/// Ports come from below the kernel's ephemeral range (32768+ here): a port taken from that
+/// range can be grabbed as the source port of any outgoing connection (curl, the proxy's own
+/// dials) before the server under test binds it. Each test process starts at its own offset and
+/// walks the range with a shared counter, so parallel tests never pick the same port.
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("free port")
+    const FIRST: u32 = 12_000;
+    const SPAN: u32 = 20_000;
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    let offset = (std::process::id().wrapping_mul(7919)) % SPAN;
+    for _ in 0..SPAN {
+        let n = NEXT.fetch_add(1, Ordering::Relaxed);
+        let port = (FIRST + (offset + n) % SPAN) as u16;
+        if TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
+    panic!("no free port between {FIRST} and {}", FIRST + SPAN)
 }
 
 /// A fresh directory for one test; removed when dropped.
