@@ -209,52 +209,37 @@ impl Management {
         format!("http://127.0.0.1:{}", self.grpc_port)
     }
 
-    /// Creates an account with an owner through the CLI; returns (account id, owner PAT).
-    pub fn bootstrap(&self, email: &str) -> (String, String) {
+    /// Runs `portcullis management ARGS` on this server's store; returns stdout.
+    fn cli(&self, args: &[&str]) -> String {
         let out = Command::new(binary())
-            .args(["management", "bootstrap", "--email", email])
+            .arg("management")
+            .args(args)
             .env("PORTCULLIS_STORE_URL", &self.store_url)
             .output()
-            .expect("bootstrap");
+            .unwrap_or_else(|e| panic!("run management {args:?}: {e}"));
         assert!(
             out.status.success(),
-            "bootstrap: {}",
+            "management {args:?}: {}",
             String::from_utf8_lossy(&out.stderr)
         );
-        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    /// Creates an account with an owner through the CLI; returns (account id, owner PAT).
+    pub fn bootstrap(&self, email: &str) -> (String, String) {
+        let text = self.cli(&["bootstrap", "--email", email]);
         let account = text
             .lines()
             .find_map(|l| l.strip_prefix("account "))
             .expect("account line")
             .trim()
             .to_string();
-        let pat = text
-            .lines()
-            .find_map(|l| l.split("(shown once): ").nth(1))
-            .expect("token line")
-            .trim()
-            .to_string();
-        (account, pat)
+        (account, shown_once(&text))
     }
 
     /// A management-wide proxy token through the CLI.
     pub fn shared_token(&self, name: &str) -> String {
-        let out = Command::new(binary())
-            .args(["management", "proxy-token", "--shared", "--name", name])
-            .env("PORTCULLIS_STORE_URL", &self.store_url)
-            .output()
-            .expect("proxy-token");
-        assert!(
-            out.status.success(),
-            "proxy-token: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        String::from_utf8_lossy(&out.stdout)
-            .split("(shown once): ")
-            .nth(1)
-            .expect("token")
-            .trim()
-            .to_string()
+        shown_once(&self.cli(&["proxy-token", "--shared", "--name", name]))
     }
 
     pub fn api(&self, pat: &str) -> Api {
@@ -310,6 +295,15 @@ impl Api {
             .cloned()
             .unwrap_or_default()
     }
+}
+
+/// The secret the CLI prints once: what follows "(shown once): " on its line.
+fn shown_once(text: &str) -> String {
+    text.lines()
+        .find_map(|l| l.split("(shown once): ").nth(1))
+        .expect("a line with the secret")
+        .trim()
+        .to_string()
 }
 
 pub fn service_body(name: &str, domain: &str, port: u16) -> Value {
