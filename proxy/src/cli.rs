@@ -92,6 +92,14 @@ pub struct ProxyArgs {
         default_value = ":80"
     )]
     pub http_address: String,
+    /// What the plain-HTTP listener does: `redirect` to HTTPS, or `serve` requests like HTTPS
+    /// ones (for a proxy behind a load balancer that terminates TLS).
+    #[arg(
+        long = "http-mode",
+        env = "NB_PROXY_HTTP_MODE",
+        default_value = "redirect"
+    )]
+    pub http_mode: String,
     /// Health probes address (/healthz, /livez, /readyz).
     #[arg(
         long = "health-addr",

@@ -42,6 +42,15 @@ pub enum IoDriverChoice {
     Legacy,
 }
 
+/// What the plain-HTTP listener does with a request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HttpMode {
+    /// Answer with a redirect to the same URL on HTTPS.
+    Redirect,
+    /// Route and forward it like an HTTPS request (behind a TLS-terminating load balancer).
+    Serve,
+}
+
 /// What the proxy sends as X-Forwarded-Proto.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ForwardedProto {
@@ -54,6 +63,7 @@ pub enum ForwardedProto {
 pub struct ProxyConfig {
     pub https_listen: SocketAddr,
     pub http_listen: Option<SocketAddr>,
+    pub http_mode: HttpMode,
     pub health_listen: String,
     pub cert_dir: PathBuf,
     pub cert_file: String,
@@ -88,6 +98,17 @@ impl ProxyConfig {
         let http_listen = match args.http_address.trim() {
             "" | "off" | "none" => None,
             other => Some(parse_listen("NB_PROXY_HTTP_ADDRESS", other)?),
+        };
+        let http_mode = match args.http_mode.as_str() {
+            "redirect" => HttpMode::Redirect,
+            "serve" => HttpMode::Serve,
+            other => {
+                return Err(ConfigError::BadChoice {
+                    setting: "NB_PROXY_HTTP_MODE",
+                    value: other.to_string(),
+                    allowed: "redirect, serve",
+                });
+            }
         };
         let max_dial = parse_duration("NB_PROXY_MAX_DIAL_TIMEOUT", &args.max_dial_timeout)?;
         let dial_timeout = if max_dial.is_zero() {
@@ -141,6 +162,7 @@ impl ProxyConfig {
         Ok(Self {
             https_listen,
             http_listen,
+            http_mode,
             health_listen: args.health_address.clone(),
             cert_dir: args.cert_dir.clone(),
             cert_file: args.cert_file.clone(),

@@ -16,7 +16,8 @@ use monoio::time::Instant;
 use monoio::{IoUringDriver, LegacyDriver, RuntimeBuilder};
 use monoio_rustls::TlsAcceptor;
 
-use crate::config::IoDriverChoice;
+use crate::config::{HttpMode, IoDriverChoice};
+use crate::http::connection::ClientScheme;
 use crate::routes::RouteTable;
 use crate::state::Shared;
 use crate::tls::UpstreamTls;
@@ -168,12 +169,20 @@ async fn worker_main(
         async move { serve_https(acceptor, tcp, peer, ctx, at).await }
     });
     match http {
-        Some(http) => {
-            let http_loop = accept_loop(http, ctx.clone(), |tcp, _peer, ctx, at| {
-                crate::http::redirect::serve(tcp, ctx, at)
-            });
-            monoio::join!(https_loop, http_loop);
-        }
+        Some(http) => match ctx.shared.config.http_mode {
+            HttpMode::Redirect => {
+                let http_loop = accept_loop(http, ctx.clone(), |tcp, _peer, ctx, at| {
+                    crate::http::redirect::serve(tcp, ctx, at)
+                });
+                monoio::join!(https_loop, http_loop);
+            }
+            HttpMode::Serve => {
+                let http_loop = accept_loop(http, ctx.clone(), |tcp, peer, ctx, at| {
+                    crate::http::connection::serve(tcp, peer, ctx, at, ClientScheme::Http)
+                });
+                monoio::join!(https_loop, http_loop);
+            }
+        },
         None => https_loop.await,
     }
     tracing::debug!(worker = id, "worker stopped accepting");
@@ -251,5 +260,5 @@ async fn serve_https(
             return;
         }
     };
-    crate::http::connection::serve(tls, peer, ctx, accepted_at).await;
+    crate::http::connection::serve(tls, peer, ctx, accepted_at, ClientScheme::Https).await;
 }

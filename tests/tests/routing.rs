@@ -263,3 +263,51 @@ fn plain_http_is_redirected_to_https() {
         Some(format!("https://s.test.internal:{}/a?b=1", proxy.https_port).as_str())
     );
 }
+
+#[test]
+fn plain_http_is_served_in_serve_mode() {
+    let t = Backend::start("t");
+    let mappings = format!(
+        "[[service]]\nid='s'\ndomain='s.test.internal'\n[[service.path]]\ntarget='http://127.0.0.1:{}'\n",
+        t.port()
+    );
+    let mut opts = ProxyOptions::new(mappings).env("NB_PROXY_HTTP_MODE", "serve");
+    opts.http_listener = true;
+    let proxy = Proxy::start(opts);
+    let out = std::process::Command::new("curl")
+        .args([
+            "-sS",
+            "-i",
+            "--max-time",
+            "10",
+            "-H",
+            "Host: s.test.internal",
+        ])
+        .arg(format!("http://127.0.0.1:{}/a?b=1", proxy.http_port))
+        .output()
+        .expect("curl");
+    let r = tests::client::parse_response(&out.stdout);
+    assert_eq!(r.status, 200, "forwarded, not redirected");
+    let hs = headers_of(&r.json());
+    assert_eq!(
+        header(&hs, "x-forwarded-proto"),
+        vec!["http"],
+        "the client came over plain HTTP"
+    );
+    assert_eq!(t.request_count(), 1);
+}
+
+#[test]
+fn unknown_http_mode_is_refused_with_the_allowed_values() {
+    let out = std::process::Command::new(tests::proxy::binary())
+        .args(["proxy", "--http-mode", "proxy"])
+        .env("NB_PROXY_ADDRESS", "127.0.0.1:0")
+        .output()
+        .expect("portcullis");
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("NB_PROXY_HTTP_MODE") && err.contains("redirect, serve"),
+        "{err}"
+    );
+}

@@ -3,6 +3,7 @@
 //! - `test`: installs what the tests need, checks formatting and lints, builds, runs every tier
 //!   (unit, end-to-end on SQLite and PostgreSQL, a deterministic fuzz smoke run).
 //! - `fuzz [SECONDS]`: runs each fuzz target for a while (installs cargo-fuzz on first use).
+//! - `bench [--quick] [ARGS]`: installs nginx, HAProxy and wrk and runs the benchmark harness.
 //! - `up`: builds and runs `portcullis up`.
 
 use std::path::{Path, PathBuf};
@@ -13,10 +14,18 @@ use anyhow::{Context, Result, bail};
 
 mod postgres;
 
-/// Debian packages the test tiers use.
+/// Debian packages the test tiers use: (package, a program it installs).
 const APT_PACKAGES: &[(&str, &str)] = &[
     ("curl", "curl"),
     ("ca-certificates", "update-ca-certificates"),
+];
+
+/// Debian packages the benchmark harness uses: the peers, the load generator, pinning.
+const BENCH_APT_PACKAGES: &[(&str, &str)] = &[
+    ("nginx", "nginx"),
+    ("haproxy", "haproxy"),
+    ("wrk", "wrk"),
+    ("util-linux", "taskset"),
 ];
 
 fn main() -> ExitCode {
@@ -24,6 +33,7 @@ fn main() -> ExitCode {
     let result = match args.first().map(String::as_str) {
         Some("test") => test(&args[1..]),
         Some("fuzz") => fuzz(&args[1..]),
+        Some("bench") => bench(&args[1..]),
         Some("up") => up(&args[1..]),
         _ => {
             eprintln!(
@@ -31,6 +41,7 @@ fn main() -> ExitCode {
                  commands:\n  \
                  test [--skip-lint]   install test dependencies, check fmt + clippy, build, run all tests\n  \
                  fuzz [SECONDS]       run every fuzz target for SECONDS each (default 60; needs nightly)\n  \
+                 bench [--quick] [ARGS]  benchmark against nginx and HAProxy (`bench --help` for ARGS)\n  \
                  up [ARGS]            build in release and run `portcullis up`"
             );
             return ExitCode::from(2);
@@ -178,6 +189,7 @@ fn test(args: &[String]) -> Result<()> {
     );
     drop(pg);
     result?;
+    run_bench(&["--quick".to_string()])?;
     if have_nightly() {
         run_fuzz_targets(FuzzBudget::Deterministic)?;
     } else {
@@ -268,6 +280,31 @@ fn fuzz(args: &[String]) -> Result<()> {
         None => 60,
     };
     run_fuzz_targets(FuzzBudget::Seconds(seconds))
+}
+
+fn bench(args: &[String]) -> Result<()> {
+    run(
+        "cargo build --release (portcullis, bench)",
+        cargo().args(["build", "--release", "-p", "proxy", "-p", "bench"]),
+    )?;
+    run_bench(args)
+}
+
+/// Runs the harness on what is already built; `--quick` is the smoke tier of `test`, which checks
+/// that every proxy answers every workload correctly and asserts nothing about speed.
+fn run_bench(args: &[String]) -> Result<()> {
+    ensure_apt(BENCH_APT_PACKAGES)?;
+    let what = if args.iter().any(|a| a == "--quick") {
+        "bench --quick (every proxy answers every workload)"
+    } else {
+        "bench"
+    };
+    run(
+        what,
+        Command::new(root().join("target/release/bench"))
+            .current_dir(root())
+            .args(args),
+    )
 }
 
 fn up(args: &[String]) -> Result<()> {

@@ -17,8 +17,25 @@ use crate::dataplane::WorkerCtx;
 use crate::dataplane::inbuf::{InBuf, write_vec};
 use crate::dataplane::upstream::UpstreamStream;
 
+/// How the client reached the proxy.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ClientScheme {
+    Https,
+    Http,
+}
+
+impl ClientScheme {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ClientScheme::Https => "https",
+            ClientScheme::Http => "http",
+        }
+    }
+}
+
 /// Buffers reused by every request of one connection.
 pub struct Conn {
+    pub scheme: ClientScheme,
     pub inbuf: InBuf,
     pub upbuf: InBuf,
     pub head: RequestHead,
@@ -27,8 +44,9 @@ pub struct Conn {
 }
 
 impl Conn {
-    fn new() -> Self {
+    fn new(scheme: ClientScheme) -> Self {
         Self {
+            scheme,
             inbuf: InBuf::with_capacity(16 * 1024),
             upbuf: InBuf::with_capacity(16 * 1024),
             head: RequestHead::default(),
@@ -45,14 +63,20 @@ enum HeadWait {
     Reject(ProxyStatus),
 }
 
-/// Serves HTTP/1.1 on an established (TLS) client stream until it closes.
-pub async fn serve<S>(mut client: S, peer: SocketAddr, ctx: Rc<WorkerCtx>, accepted_at: Instant)
-where
+/// Serves HTTP/1.1 on an established client stream (TLS, or plain TCP in `serve` mode) until it
+/// closes.
+pub async fn serve<S>(
+    mut client: S,
+    peer: SocketAddr,
+    ctx: Rc<WorkerCtx>,
+    accepted_at: Instant,
+    scheme: ClientScheme,
+) where
     S: AsyncReadRent + AsyncWriteRent + Splitable,
     S::OwnedRead: AsyncReadRent,
     S::OwnedWrite: AsyncWriteRent,
 {
-    let mut conn = Conn::new();
+    let mut conn = Conn::new(scheme);
     let mut drain = ctx.shared.drain_signal();
     let mut first = true;
     loop {

@@ -75,7 +75,8 @@ async fn forward<S: AsyncReadRent + AsyncWriteRent>(
         trusted_proxies: &ctx.shared.config.trusted_proxies,
         proto: match ctx.shared.config.forwarded_proto {
             ForwardedProto::Http => "http",
-            ForwardedProto::Auto | ForwardedProto::Https => "https",
+            ForwardedProto::Https => "https",
+            ForwardedProto::Auto => conn.scheme.as_str(),
         },
         expect_handled,
     };
@@ -162,6 +163,7 @@ async fn forward<S: AsyncReadRent + AsyncWriteRent>(
         service,
         route,
         public_host: conn.head.host_header(),
+        public_scheme: conn.scheme.as_str(),
         close,
         client_http10: conn.head.minor_version == 0,
         dechunk,

@@ -132,6 +132,8 @@ pub struct ResponseContext<'a> {
     pub route: &'a PathRoute,
     /// The Host the client asked for, used as the public authority in rewritten redirects.
     pub public_host: &'a [u8],
+    /// `https` or `http`: how the client reached the proxy.
+    pub public_scheme: &'a str,
     pub close: bool,
     pub client_http10: bool,
     /// The body is passed on without its chunked framing, so `Transfer-Encoding` goes.
@@ -195,7 +197,7 @@ fn rewrite_location(value: &[u8], ctx: &ResponseContext<'_>) -> Option<String> {
         PathRewrite::Preserve => "",
     };
     let rest = if rest.is_empty() { "/" } else { rest };
-    Some(format!("https://{host}{prefix}{rest}"))
+    Some(format!("{}://{host}{prefix}{rest}", ctx.public_scheme))
 }
 
 #[cfg(test)]
@@ -326,6 +328,7 @@ mod tests {
             service: &s,
             route: &s.routes[0],
             public_host: b"app.example:8443",
+            public_scheme: "https",
             close: false,
             client_http10: false,
             dechunk: false,

@@ -1,0 +1,250 @@
+//! `bench`: Portcullis, nginx and HAProxy side by side on one machine.
+//!
+//! Each proxy gets the same core (the last one), one worker, the same certificate and the same
+//! nginx backend; wrk and the backend share the other cores. Every workload runs against each
+//! proxy in turn for several rounds; the report gives medians and the ratios Portcullis/nginx
+//! and Portcullis/HAProxy. `cargo xtask bench` installs the tools and runs this.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use clap::Parser;
+
+mod certs;
+mod client;
+mod contestants;
+mod machine;
+mod process;
+mod report;
+mod workloads;
+mod wrk;
+
+use contestants::{Contestant, Kind, Placement, Settings};
+use workloads::{Effort, Workload};
+
+#[derive(Parser, Debug)]
+#[command(
+    about = "Benchmark Portcullis against nginx and HAProxy on this machine",
+    long_about = "Starts a backend (nginx), then Portcullis, nginx and HAProxy as reverse proxies \
+                  configured alike (one worker on one core, keep-alive to the backend, access logs \
+                  off, one ECDSA P-256 certificate), runs each workload against each proxy in turn \
+                  for several rounds with wrk, and writes a Markdown and a JSON report with medians \
+                  and ratios. Every run must be answered without errors, or the bench fails."
+)]
+struct Args {
+    /// The portcullis binary to measure.
+    #[arg(long, default_value = "target/release/portcullis")]
+    portcullis: PathBuf,
+    /// Where the report goes (`<stem>.md` and `<stem>.json`).
+    #[arg(long, default_value = "bench/results")]
+    out: PathBuf,
+    /// File name of the report, without extension.
+    #[arg(long, default_value = "latest")]
+    stem: String,
+    /// Scratch directory for configs, certificates and logs (emptied first).
+    #[arg(long, default_value = "target/bench-work")]
+    work_dir: PathBuf,
+    /// Rounds per workload (each proxy once per round).
+    #[arg(long, default_value_t = 5)]
+    rounds: usize,
+    /// Length of one measured run.
+    #[arg(long, default_value = "5s", value_parser = humantime::parse_duration)]
+    duration: Duration,
+    /// Unmeasured load before each run.
+    #[arg(long, default_value = "1s", value_parser = humantime::parse_duration)]
+    warmup: Duration,
+    /// Connections held open by the idle workload.
+    #[arg(long, default_value_t = 10_000)]
+    idle_connections: usize,
+    /// Smoke mode: one short round, few idle connections, report under the work dir. Checks that
+    /// every proxy answers every workload correctly; the numbers mean little.
+    #[arg(long)]
+    quick: bool,
+    /// Workloads to run (comma separated): https-keepalive, tls-handshake, large-response,
+    /// idle-tls, http-keepalive. Default: all.
+    #[arg(long, value_delimiter = ',')]
+    workloads: Vec<String>,
+}
+
+fn main() -> std::process::ExitCode {
+    let args = Args::parse();
+    match run(args) {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("bench: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+fn placement() -> (Placement, String) {
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    if cores < 2 {
+        return (
+            Placement {
+                proxy_cpus: None,
+                load_cpus: None,
+            },
+            "one core: proxies, load and backend share it (no pinning)".into(),
+        );
+    }
+    let proxy = (cores - 1).to_string();
+    let load = if cores == 2 {
+        "0".to_string()
+    } else {
+        format!("0-{}", cores - 2)
+    };
+    let text = format!("each proxy alone on CPU {proxy}, wrk and the backend on CPU {load}");
+    (
+        Placement {
+            proxy_cpus: Some(proxy),
+            load_cpus: Some(load),
+        },
+        text,
+    )
+}
+
+fn run(mut args: Args) -> Result<()> {
+    if args.quick {
+        args.rounds = 1;
+        args.duration = Duration::from_secs(1);
+        args.warmup = Duration::ZERO;
+        args.idle_connections = args.idle_connections.min(500);
+        args.out = args.work_dir.join("report");
+    }
+    let selected: Vec<Workload> = if args.workloads.is_empty() {
+        workloads::ALL.to_vec()
+    } else {
+        args.workloads
+            .iter()
+            .map(|w| Workload::parse(w).with_context(|| format!("unknown workload {w:?}")))
+            .collect::<Result<_>>()?
+    };
+    if args.rounds == 0 {
+        bail!("--rounds must be at least 1");
+    }
+    for tool in ["nginx", "haproxy", "wrk", "taskset"] {
+        contestants::find_program(tool)?;
+    }
+    let portcullis_bin = std::fs::canonicalize(&args.portcullis).with_context(|| {
+        format!(
+            "{} not found: build it with cargo build --release",
+            args.portcullis.display()
+        )
+    })?;
+    let open_files = client::raise_open_file_limit();
+    // The idle client holds one descriptor per connection; leave room for the rest.
+    let idle_cap = open_files.saturating_sub(200) as usize;
+    if args.idle_connections > idle_cap {
+        eprintln!(
+            "bench: the open-file limit is {open_files}: holding {idle_cap} idle connections instead of {}",
+            args.idle_connections
+        );
+        args.idle_connections = idle_cap;
+    }
+
+    let _ = std::fs::remove_dir_all(&args.work_dir);
+    std::fs::create_dir_all(&args.work_dir)?;
+    let work = std::fs::canonicalize(&args.work_dir)?;
+    let (placement, placement_text) = placement();
+    let machine = machine::describe(&portcullis_bin, placement_text);
+    eprintln!("bench: {} cores, {}", machine.cores, machine.placement);
+
+    let certs = certs::write(&work.join("certs"), contestants::SERVICE_HOST)?;
+    let script = wrk::write_script(&work)?;
+    let (_backend, backend) = contestants::start_backend(&work, &placement)?;
+    let settings = Settings {
+        dir: &work,
+        certs: &certs,
+        backend,
+        placement: &placement,
+        portcullis_bin: &portcullis_bin,
+        max_connections: args.idle_connections,
+    };
+    let mut proxies: Vec<Contestant> = [Kind::Portcullis, Kind::Nginx, Kind::Haproxy]
+        .into_iter()
+        .map(|k| contestants::start(k, &settings).with_context(|| format!("starting {}", k.name())))
+        .collect::<Result<_>>()?;
+
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let tls = client::connector(&certs.ca_pem)?;
+    let effort = Effort {
+        duration: args.duration,
+        warmup: args.warmup,
+        idle_connections: args.idle_connections,
+    };
+    let env = workloads::Env {
+        script: &script,
+        load_cpus: placement.load_cpus.as_deref(),
+        tls: &tls,
+        rt: &rt,
+        effort,
+    };
+    for p in &proxies {
+        workloads::check_answers(p, &env).with_context(|| format!("checking {}", p.kind.name()))?;
+        eprintln!(
+            "bench: {} answers both bodies correctly over HTTPS and HTTP",
+            p.kind.name()
+        );
+    }
+
+    let started = Instant::now();
+    let mut results = Vec::new();
+    for w in selected {
+        let mut samples: BTreeMap<&'static str, Vec<workloads::Sample>> = BTreeMap::new();
+        for round in 0..args.rounds {
+            // Rotate who goes first, so no proxy always follows the same one.
+            let n = proxies.len();
+            for i in 0..n {
+                let p = &mut proxies[(i + round) % n];
+                let s = workloads::run(w, p, &env, round).with_context(|| {
+                    format!("{} against {} (round {})", w.id(), p.kind.name(), round + 1)
+                })?;
+                eprintln!(
+                    "bench: {:<16} round {} {:<10} {:>10.0} {}s/s  {:>8.2} µs CPU/{}{}",
+                    w.id(),
+                    round + 1,
+                    p.kind.name(),
+                    s.ops_per_sec,
+                    w.op(),
+                    s.cpu_us_per_op,
+                    w.op(),
+                    s.rss_kib_per_conn
+                        .map(|r| format!("  {r:.2} KiB/conn"))
+                        .unwrap_or_default()
+                );
+                samples.entry(p.kind.name()).or_default().push(s);
+            }
+        }
+        results.push(report::WorkloadResult::new(w, samples));
+    }
+    drop(proxies);
+    report::write(
+        &args.out,
+        &args.stem,
+        &machine,
+        &effort,
+        args.rounds,
+        &results,
+    )?;
+    eprintln!(
+        "bench: done in {:.0?}; report in {}",
+        started.elapsed(),
+        args.out.join(format!("{}.md", args.stem)).display()
+    );
+    print!(
+        "{}",
+        report::markdown(
+            &machine,
+            &effort,
+            args.rounds,
+            &results,
+            &report::targets(&results)
+        )
+    );
+    Ok(())
+}
