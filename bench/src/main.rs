@@ -201,6 +201,11 @@ fn run(mut args: Args) -> Result<()> {
             let n = proxies.len();
             for i in 0..n {
                 let p = &mut proxies[(i + round) % n];
+                if w == Workload::IdleTls {
+                    // Memory per connection is only meaningful from a fresh process: allocators
+                    // keep what earlier runs used.
+                    *p = contestants::start(p.kind, &settings)?;
+                }
                 let s = workloads::run(w, p, &env, round).with_context(|| {
                     format!("{} against {} (round {})", w.id(), p.kind.name(), round + 1)
                 })?;

@@ -249,7 +249,8 @@ async fn serve_https(
     accepted_at: Instant,
 ) {
     let deadline = accepted_at + ctx.shared.config.limits.header_timeout;
-    let tls = match monoio::time::timeout_at(deadline, acceptor.accept(tcp)).await {
+    // Boxed so the handshake's state is freed once it is done (see connection::serve).
+    let tls = match monoio::time::timeout_at(deadline, Box::pin(acceptor.accept(tcp))).await {
         Ok(Ok(tls)) => tls,
         Ok(Err(e)) => {
             tracing::debug!(%peer, error = %e, "TLS handshake failed");

@@ -9,6 +9,9 @@ use monoio::io::{AsyncReadRent, AsyncWriteRent, AsyncWriteRentExt};
 
 /// Smallest free space offered to one read.
 const MIN_READ: usize = 16 * 1024;
+/// Free space offered to the first read of a request on an empty buffer: most request heads
+/// fit, and an idle keep-alive connection does not pin a large buffer while it waits.
+pub const FIRST_READ: usize = 2 * 1024;
 
 #[derive(Debug, Default)]
 pub struct InBuf {
@@ -41,15 +44,32 @@ impl InBuf {
         }
     }
 
+    /// Gives the memory back when nothing is buffered (an idle connection keeps none).
+    pub fn release_if_empty(&mut self) {
+        if self.is_empty() {
+            self.buf = Vec::new();
+            self.pos = 0;
+        }
+    }
+
     /// Reads once, appending to the unconsumed bytes; `Ok(0)` is end of stream. The buffer grows
     /// only while unconsumed data fills it, which the callers bound (head size, body chunks).
     pub async fn fill<S: AsyncReadRent>(&mut self, io: &mut S) -> io::Result<usize> {
-        if self.pos > 0 && self.buf.capacity() - self.buf.len() < MIN_READ {
+        self.fill_at_least(io, MIN_READ).await
+    }
+
+    /// Like `fill`, offering at least `min_free` bytes of space to the read.
+    pub async fn fill_at_least<S: AsyncReadRent>(
+        &mut self,
+        io: &mut S,
+        min_free: usize,
+    ) -> io::Result<usize> {
+        if self.pos > 0 && self.buf.capacity() - self.buf.len() < min_free {
             self.buf.drain(..self.pos);
             self.pos = 0;
         }
-        if self.buf.capacity() - self.buf.len() < MIN_READ {
-            self.buf.reserve(MIN_READ);
+        if self.buf.capacity() - self.buf.len() < min_free {
+            self.buf.reserve(min_free);
         }
         let buf = std::mem::take(&mut self.buf);
         let len = buf.len();

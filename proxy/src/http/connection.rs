@@ -14,7 +14,7 @@ use super::exchange::{Next, exchange};
 use super::head::{HeadError, RequestHead, ResponseHead};
 use super::responses::{self, ProxyStatus};
 use crate::dataplane::WorkerCtx;
-use crate::dataplane::inbuf::{InBuf, write_vec};
+use crate::dataplane::inbuf::{FIRST_READ, InBuf, write_vec};
 use crate::dataplane::upstream::UpstreamStream;
 
 /// How the client reached the proxy.
@@ -47,12 +47,22 @@ impl Conn {
     fn new(scheme: ClientScheme) -> Self {
         Self {
             scheme,
-            inbuf: InBuf::with_capacity(16 * 1024),
-            upbuf: InBuf::with_capacity(16 * 1024),
+            inbuf: InBuf::default(),
+            upbuf: InBuf::default(),
             head: RequestHead::default(),
             resp: ResponseHead::default(),
-            out: Vec::with_capacity(2048),
+            out: Vec::new(),
         }
+    }
+}
+
+impl Conn {
+    /// Between requests only the client buffer's unread bytes matter: the target buffer and
+    /// the output buffer go back to the allocator, and so does the client buffer when empty.
+    fn release_idle_memory(&mut self) {
+        self.upbuf.release_if_empty();
+        self.inbuf.release_if_empty();
+        self.out = Vec::new();
     }
 }
 
@@ -98,13 +108,18 @@ pub async fn serve<S>(
             };
         first = false;
         conn.inbuf.consume(head_len);
-        match exchange(&mut client, &mut conn, peer, &ctx).await {
-            Next::KeepAlive if !ctx.shared.is_draining() => continue,
+        // Boxed: the exchange's state is large, and a task is as big as its largest state; an
+        // idle keep-alive connection then holds only the small head-waiting state.
+        match Box::pin(exchange(&mut client, &mut conn, peer, &ctx)).await {
+            Next::KeepAlive if !ctx.shared.is_draining() => {
+                conn.release_idle_memory();
+                continue;
+            }
             Next::KeepAlive | Next::Close => break,
             Next::Tunnel(up) => {
                 let pending = conn.inbuf.data().to_vec();
                 let upstream_pending = conn.upbuf.data().to_vec();
-                tunnel(client, pending, up.stream, upstream_pending).await;
+                Box::pin(tunnel(client, pending, up.stream, upstream_pending)).await;
                 return;
             }
         }
@@ -151,7 +166,12 @@ async fn wait_for_head<S: AsyncReadRent>(
         }
         // A cancelled read takes the buffer with it, so note now whether a head had started.
         let head_started = !conn.inbuf.is_empty();
-        let read = monoio::time::timeout_at(deadline, conn.inbuf.fill(client));
+        let min_free = if conn.inbuf.is_empty() {
+            FIRST_READ
+        } else {
+            16 * 1024
+        };
+        let read = monoio::time::timeout_at(deadline, conn.inbuf.fill_at_least(client, min_free));
         let result = if waiting_idle {
             monoio::select! {
                 r = read => r,

@@ -80,6 +80,8 @@ async fn forward<S: AsyncReadRent + AsyncWriteRent>(
         },
         expect_handled,
     };
+    // Released while the connection idled; one allocation covers a typical head.
+    conn.out.reserve(4096);
     rewrite::upstream_request(&mut conn.out, &conn.head, service, route, &fwd);
 
     let key: PoolKey = ctx
@@ -169,6 +171,11 @@ async fn forward<S: AsyncReadRent + AsyncWriteRent>(
         dechunk,
     };
     rewrite::client_response(&mut conn.out, &conn.resp, &rctx);
+    let body_framing = if switching || dechunk {
+        conn.resp.framing
+    } else {
+        coalesce_buffered_body(conn)
+    };
     let (res, out) = match monoio::time::timeout(
         limits.idle_timeout,
         write_vec(client, std::mem::take(&mut conn.out)),
@@ -194,7 +201,7 @@ async fn forward<S: AsyncReadRent + AsyncWriteRent>(
         &mut up.stream,
         &mut conn.upbuf,
         client,
-        conn.resp.framing,
+        body_framing,
         output,
         limits.idle_timeout,
     )
@@ -209,6 +216,25 @@ async fn forward<S: AsyncReadRent + AsyncWriteRent>(
     }
     conn.upbuf.consume(usize::MAX);
     Ok(if close { Next::Close } else { Next::KeepAlive })
+}
+
+/// Most body bytes sent together with the response head.
+const COALESCE_LIMIT: usize = 16 * 1024;
+
+/// Moves the body bytes that arrived together with the response head (a whole small response,
+/// usually) behind the head in `conn.out`, so head and body leave in one send. Returns the
+/// framing of what is left to copy.
+fn coalesce_buffered_body(conn: &mut Conn) -> Framing {
+    let Framing::Length(len) = conn.resp.framing else {
+        return conn.resp.framing;
+    };
+    let n = usize::try_from(len)
+        .unwrap_or(usize::MAX)
+        .min(conn.upbuf.data().len())
+        .min(COALESCE_LIMIT);
+    conn.out.extend_from_slice(&conn.upbuf.data()[..n]);
+    conn.upbuf.consume(n);
+    Framing::Length(len - n as u64)
 }
 
 async fn dial(
