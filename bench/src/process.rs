@@ -110,18 +110,45 @@ fn children_of(pid: u32) -> Vec<u32> {
         .collect()
 }
 
-/// User + system CPU time of the processes, in microseconds.
-pub fn cpu_micros(pids: &[u32]) -> u64 {
+/// CPU time of a set of processes, in microseconds.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct CpuTime {
+    pub user_us: u64,
+    pub system_us: u64,
+}
+
+impl CpuTime {
+    /// What was spent between `earlier` and `self`.
+    pub fn since(self, earlier: CpuTime) -> CpuTime {
+        CpuTime {
+            user_us: self.user_us.saturating_sub(earlier.user_us),
+            system_us: self.system_us.saturating_sub(earlier.system_us),
+        }
+    }
+
+    pub fn total_us(self) -> u64 {
+        self.user_us + self.system_us
+    }
+}
+
+/// User and system CPU time of the processes (every thread, exited ones included).
+pub fn cpu_time(pids: &[u32]) -> CpuTime {
     let ticks_per_sec = nix::unistd::sysconf(nix::unistd::SysconfVar::CLK_TCK)
         .ok()
         .flatten()
         .unwrap_or(100)
         .max(1) as u64;
-    let ticks: u64 = pids.iter().filter_map(|pid| cpu_ticks(*pid)).sum();
-    ticks * 1_000_000 / ticks_per_sec
+    let (user, system) = pids
+        .iter()
+        .filter_map(|pid| cpu_ticks(*pid))
+        .fold((0, 0), |(u, s), (pu, ps)| (u + pu, s + ps));
+    CpuTime {
+        user_us: user * 1_000_000 / ticks_per_sec,
+        system_us: system * 1_000_000 / ticks_per_sec,
+    }
 }
 
-fn cpu_ticks(pid: u32) -> Option<u64> {
+fn cpu_ticks(pid: u32) -> Option<(u64, u64)> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
     // The command name may hold spaces and parentheses: fields start after the last ')'.
     let rest = &stat[stat.rfind(')')? + 2..];
@@ -129,7 +156,7 @@ fn cpu_ticks(pid: u32) -> Option<u64> {
     // utime and stime are fields 14 and 15 of the whole line, 12 and 13 after the name.
     let utime: u64 = fields.get(11)?.parse().ok()?;
     let stime: u64 = fields.get(12)?.parse().ok()?;
-    Some(utime + stime)
+    Some((utime, stime))
 }
 
 /// Resident memory of the processes, in KiB.

@@ -24,6 +24,7 @@ pub struct WorkloadResult {
 pub struct Medians {
     pub ops_per_sec: f64,
     pub cpu_us_per_op: f64,
+    pub user_us_per_op: f64,
     pub p50_us: Option<f64>,
     pub p99_us: Option<f64>,
     pub p999_us: Option<f64>,
@@ -55,6 +56,7 @@ impl WorkloadResult {
                     Medians {
                         ops_per_sec: of(&|s| Some(s.ops_per_sec)).unwrap_or(0.0),
                         cpu_us_per_op: of(&|s| Some(s.cpu_us_per_op)).unwrap_or(0.0),
+                        user_us_per_op: of(&|s| Some(s.user_us_per_op)).unwrap_or(0.0),
                         p50_us: of(&|s| s.p50_us.map(|v| v as f64)),
                         p99_us: of(&|s| s.p99_us.map(|v| v as f64)),
                         p999_us: of(&|s| s.p999_us.map(|v| v as f64)),
@@ -330,6 +332,10 @@ pub fn markdown(
                     Box::new(|m: &Medians| Some(m.cpu_us_per_op)),
                 ),
                 (
+                    "… of which user space".into(),
+                    Box::new(|m: &Medians| Some(m.user_us_per_op)),
+                ),
+                (
                     "connections opened/s".into(),
                     Box::new(|m: &Medians| Some(m.ops_per_sec)),
                 ),
@@ -338,6 +344,10 @@ pub fn markdown(
                 (
                     format!("proxy CPU µs per {op}"),
                     Box::new(|m: &Medians| Some(m.cpu_us_per_op)),
+                ),
+                (
+                    "… of which user space (proxy code and TLS; the rest is kernel)".to_string(),
+                    Box::new(|m: &Medians| Some(m.user_us_per_op)),
                 ),
                 (
                     format!("{op}s/s"),
@@ -376,6 +386,7 @@ mod tests {
             ops: 1.0,
             ops_per_sec,
             cpu_us_per_op: 10.0,
+            user_us_per_op: 2.0,
             p50_us: Some(1),
             p99_us: Some(p99),
             p999_us: Some(p99),

@@ -8,7 +8,7 @@ use serde::Serialize;
 
 use crate::client;
 use crate::contestants::{Contestant, LARGE_PATH, SERVICE_HOST, SMALL_PATH};
-use crate::process::{cpu_micros, rss_kib};
+use crate::process::{cpu_time, rss_kib};
 use crate::wrk::{self, WrkLoad};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -84,6 +84,8 @@ pub struct Sample {
     pub ops_per_sec: f64,
     /// Proxy CPU (user + system) per operation, in µs.
     pub cpu_us_per_op: f64,
+    /// The user-space part of it: the proxy's own code, as opposed to the kernel's TCP work.
+    pub user_us_per_op: f64,
     pub p50_us: Option<u64>,
     pub p99_us: Option<u64>,
     pub p999_us: Option<u64>,
@@ -135,9 +137,10 @@ fn with_wrk(w: Workload, c: &Contestant, env: &Env<'_>, round: usize) -> Result<
         check_clean(c, w, warm.requests, warm.socket_errors, warm.bad_status)?;
     }
     load.duration = env.effort.duration;
-    let cpu_before = cpu_micros(&c.pids);
+    let cpu_before = cpu_time(&c.pids);
     let out = wrk::run(&load, env.script)?;
-    let cpu = cpu_micros(&c.pids).saturating_sub(cpu_before) as f64;
+    let spent = cpu_time(&c.pids).since(cpu_before);
+    let cpu = spent.total_us() as f64;
     check_clean(c, w, out.requests, out.socket_errors, out.bad_status)?;
     let secs = out.elapsed.as_secs_f64().max(1e-6);
     let ops = match w {
@@ -149,6 +152,7 @@ fn with_wrk(w: Workload, c: &Contestant, env: &Env<'_>, round: usize) -> Result<
         ops,
         ops_per_sec: ops / secs,
         cpu_us_per_op: cpu / ops.max(1e-9),
+        user_us_per_op: spent.user_us as f64 / ops.max(1e-9),
         p50_us: Some(quantile(&out.latency_us, 0.5)),
         p99_us: Some(quantile(&out.latency_us, 0.99)),
         p999_us: Some(quantile(&out.latency_us, 0.999)),
@@ -184,7 +188,7 @@ fn check_clean(
 fn idle(c: &Contestant, env: &Env<'_>, round: usize) -> Result<Sample> {
     let count = env.effort.idle_connections;
     let rss_before = rss_kib(&c.pids);
-    let cpu_before = cpu_micros(&c.pids);
+    let cpu_before = cpu_time(&c.pids);
     let started = std::time::Instant::now();
     let held = env
         .rt
@@ -193,7 +197,8 @@ fn idle(c: &Contestant, env: &Env<'_>, round: usize) -> Result<Sample> {
     // Let the proxy settle (buffers shrink, timers fire) before reading its memory.
     std::thread::sleep(Duration::from_millis(500));
     let rss_after = rss_kib(&c.pids);
-    let cpu = cpu_micros(&c.pids).saturating_sub(cpu_before) as f64;
+    let spent = cpu_time(&c.pids).since(cpu_before);
+    let cpu = spent.total_us() as f64;
     let opened = held.len();
     drop(held);
     // Give the proxy time to see the closes before the next run.
@@ -203,6 +208,7 @@ fn idle(c: &Contestant, env: &Env<'_>, round: usize) -> Result<Sample> {
         ops: opened as f64,
         ops_per_sec: opened as f64 / elapsed.as_secs_f64().max(1e-6),
         cpu_us_per_op: cpu / (opened.max(1) as f64),
+        user_us_per_op: spent.user_us as f64 / (opened.max(1) as f64),
         p50_us: None,
         p99_us: None,
         p999_us: None,
