@@ -41,7 +41,11 @@ pub fn describe(portcullis_bin: &std::path::Path, placement: String) -> Machine 
             command_line("git", &["rev-parse", "--short", "HEAD"])
         ),
         nginx: version_of("nginx", "-v"),
-        haproxy: version_of("haproxy", "-v"),
+        haproxy: version_of("haproxy", "-v")
+            .split(" - ")
+            .next()
+            .unwrap_or_default()
+            .to_string(),
         wrk: version_of("wrk", "--version"),
         placement,
     }

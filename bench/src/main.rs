@@ -212,12 +212,12 @@ fn run(mut args: Args) -> Result<()> {
                     format!("{} against {} (round {})", w.id(), p.kind.name(), round + 1)
                 })?;
                 eprintln!(
-                    "bench: {:<16} round {} {:<10} {:>10.0} {}s/s  {:>8.2} µs CPU/{}{}",
+                    "bench: {:<16} round {} {:<10} {:>10.0} {}  {:>8.2} µs CPU/{}{}",
                     w.id(),
                     round + 1,
                     p.kind.name(),
                     s.ops_per_sec,
-                    w.op(),
+                    w.rate(),
                     s.cpu_us_per_op,
                     w.op(),
                     s.rss_kib_per_conn

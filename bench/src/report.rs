@@ -350,7 +350,7 @@ pub fn markdown(
                     Box::new(|m: &Medians| Some(m.user_us_per_op)),
                 ),
                 (
-                    format!("{op}s/s"),
+                    r.workload.rate(),
                     Box::new(|m: &Medians| Some(m.ops_per_sec)),
                 ),
                 ("p50 latency µs".into(), Box::new(|m: &Medians| m.p50_us)),

@@ -14,10 +14,12 @@ use crate::wrk::{self, WrkLoad};
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum Workload {
+    #[serde(rename = "https-keepalive")]
     HttpsKeepAlive,
     TlsHandshake,
     LargeResponse,
     IdleTls,
+    #[serde(rename = "http-keepalive")]
     HttpKeepAlive,
 }
 
@@ -47,7 +49,7 @@ impl Workload {
                 "2. New TLS 1.3 connection per request (ECDSA P-256), 64 clients"
             }
             Workload::LargeResponse => "3. HTTPS 1 MiB responses, 8 connections",
-            Workload::IdleTls => "4. Idle keep-alive TLS connections",
+            Workload::IdleTls => "4. Idle keep-alive TLS connections (RSS per connection)",
             Workload::HttpKeepAlive => "5. Plain HTTP keep-alive, 1 KiB responses, 64 connections",
         }
     }
@@ -59,6 +61,14 @@ impl Workload {
             Workload::TlsHandshake => "handshake",
             Workload::LargeResponse => "MiB",
             Workload::IdleTls => "connection",
+        }
+    }
+
+    /// "requests/s", "MiB/s", …
+    pub fn rate(self) -> String {
+        match self.op() {
+            "MiB" => "MiB/s".to_string(),
+            op => format!("{op}s/s"),
         }
     }
 
