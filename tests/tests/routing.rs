@@ -234,14 +234,15 @@ target = "http://127.0.0.1:{p}"
     );
 }
 
-#[test]
-fn plain_http_is_redirected_to_https() {
+/// A proxy for `s.test.internal` with its plain-HTTP listener on, in `mode`, and curl's answer to
+/// `GET http://…/a?b=1` on that listener.
+fn plain_http_get(mode: &str) -> (Proxy, Backend, tests::client::CurlResponse) {
     let t = Backend::start("t");
     let mappings = format!(
         "[[service]]\nid='s'\ndomain='s.test.internal'\n[[service.path]]\ntarget='http://127.0.0.1:{}'\n",
         t.port()
     );
-    let mut opts = ProxyOptions::new(mappings);
+    let mut opts = ProxyOptions::new(mappings).env("NB_PROXY_HTTP_MODE", mode);
     opts.http_listener = true;
     let proxy = Proxy::start(opts);
     let out = std::process::Command::new("curl")
@@ -257,6 +258,12 @@ fn plain_http_is_redirected_to_https() {
         .output()
         .expect("curl");
     let r = tests::client::parse_response(&out.stdout);
+    (proxy, t, r)
+}
+
+#[test]
+fn plain_http_is_redirected_to_https() {
+    let (proxy, _t, r) = plain_http_get("redirect");
     assert_eq!(r.status, 301);
     assert_eq!(
         r.header("location"),
@@ -266,27 +273,7 @@ fn plain_http_is_redirected_to_https() {
 
 #[test]
 fn plain_http_is_served_in_serve_mode() {
-    let t = Backend::start("t");
-    let mappings = format!(
-        "[[service]]\nid='s'\ndomain='s.test.internal'\n[[service.path]]\ntarget='http://127.0.0.1:{}'\n",
-        t.port()
-    );
-    let mut opts = ProxyOptions::new(mappings).env("NB_PROXY_HTTP_MODE", "serve");
-    opts.http_listener = true;
-    let proxy = Proxy::start(opts);
-    let out = std::process::Command::new("curl")
-        .args([
-            "-sS",
-            "-i",
-            "--max-time",
-            "10",
-            "-H",
-            "Host: s.test.internal",
-        ])
-        .arg(format!("http://127.0.0.1:{}/a?b=1", proxy.http_port))
-        .output()
-        .expect("curl");
-    let r = tests::client::parse_response(&out.stdout);
+    let (_proxy, t, r) = plain_http_get("serve");
     assert_eq!(r.status, 200, "forwarded, not redirected");
     let hs = headers_of(&r.json());
     assert_eq!(
