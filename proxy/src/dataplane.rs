@@ -3,6 +3,7 @@
 
 pub mod inbuf;
 pub mod listener;
+pub mod readable;
 pub mod upstream;
 
 use std::cell::RefCell;
@@ -14,13 +15,12 @@ use std::sync::mpsc;
 use monoio::net::{TcpListener, TcpStream};
 use monoio::time::Instant;
 use monoio::{IoUringDriver, LegacyDriver, RuntimeBuilder};
-use monoio_rustls::TlsAcceptor;
 
 use crate::config::{HttpMode, IoDriverChoice};
 use crate::http::connection::ClientScheme;
 use crate::routes::RouteTable;
 use crate::state::Shared;
-use crate::tls::UpstreamTls;
+use crate::tls::{TlsServerStream, UpstreamTls};
 use listener::BoundListeners;
 use upstream::Dialer;
 
@@ -161,12 +161,12 @@ async fn worker_main(
         dialer: Dialer::new(tls),
         routes,
     });
-    let acceptor = TlsAcceptor::from(shared.tls.clone());
+    let server_tls = shared.tls.clone();
     let _ = ready.send(Ok(()));
     tracing::debug!(worker = id, "worker running");
     let https_loop = accept_loop(https, ctx.clone(), move |tcp, peer, ctx, at| {
-        let acceptor = acceptor.clone();
-        async move { serve_https(acceptor, tcp, peer, ctx, at).await }
+        let config = server_tls.clone();
+        async move { serve_https(config, tcp, peer, ctx, at).await }
     });
     match http {
         Some(http) => match ctx.shared.config.http_mode {
@@ -214,7 +214,9 @@ where
                     continue;
                 };
                 let _ = tcp.set_nodelay(true);
-                let fut = handler(tcp, peer, ctx.clone(), Instant::now());
+                // Boxed: an async block that awaits a future it captured keeps room for it twice,
+                // and this one is a whole connection's state.
+                let fut = Box::pin(handler(tcp, peer, ctx.clone(), Instant::now()));
                 monoio::spawn(async move {
                     fut.await;
                     drop(guard);
@@ -242,7 +244,7 @@ where
 }
 
 async fn serve_https(
-    acceptor: TlsAcceptor,
+    config: Arc<rustls::ServerConfig>,
     tcp: TcpStream,
     peer: SocketAddr,
     ctx: Rc<WorkerCtx>,
@@ -250,16 +252,19 @@ async fn serve_https(
 ) {
     let deadline = accepted_at + ctx.shared.config.limits.header_timeout;
     // Boxed so the handshake's state is freed once it is done (see connection::serve).
-    let tls = match monoio::time::timeout_at(deadline, Box::pin(acceptor.accept(tcp))).await {
-        Ok(Ok(tls)) => tls,
-        Ok(Err(e)) => {
-            tracing::debug!(%peer, error = %e, "TLS handshake failed");
-            return;
-        }
-        Err(_) => {
-            tracing::debug!(%peer, "TLS handshake timed out");
-            return;
-        }
-    };
+    let tls =
+        match monoio::time::timeout_at(deadline, Box::pin(TlsServerStream::accept(tcp, config)))
+            .await
+        {
+            Ok(Ok(tls)) => tls,
+            Ok(Err(e)) => {
+                tracing::debug!(%peer, error = %e, "TLS handshake failed");
+                return;
+            }
+            Err(_) => {
+                tracing::debug!(%peer, "TLS handshake timed out");
+                return;
+            }
+        };
     crate::http::connection::serve(tls, peer, ctx, accepted_at, ClientScheme::Https).await;
 }

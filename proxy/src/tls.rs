@@ -4,12 +4,14 @@
 mod cert_store;
 mod client;
 mod resolver;
+mod server_stream;
 
 use std::sync::Arc;
 
 pub use cert_store::{CertLoader, CertStore};
 pub use client::UpstreamTls;
 pub use resolver::SniResolver;
+pub use server_stream::TlsServerStream;
 
 #[derive(Debug, thiserror::Error)]
 pub enum TlsSetupError {

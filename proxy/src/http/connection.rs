@@ -15,6 +15,7 @@ use super::head::{HeadError, RequestHead, ResponseHead};
 use super::responses::{self, ProxyStatus};
 use crate::dataplane::WorkerCtx;
 use crate::dataplane::inbuf::{FIRST_READ, InBuf, write_vec};
+use crate::dataplane::readable::WaitReadable;
 use crate::dataplane::upstream::UpstreamStream;
 
 /// How the client reached the proxy.
@@ -82,7 +83,7 @@ pub async fn serve<S>(
     accepted_at: Instant,
     scheme: ClientScheme,
 ) where
-    S: AsyncReadRent + AsyncWriteRent + Splitable,
+    S: AsyncReadRent + AsyncWriteRent + Splitable + WaitReadable,
     S::OwnedRead: AsyncReadRent,
     S::OwnedWrite: AsyncWriteRent,
 {
@@ -130,7 +131,7 @@ pub async fn serve<S>(
 /// Reads until a whole request head is buffered. The first request (and the TLS handshake
 /// before it) must arrive within the header timeout; later ones may idle up to the idle timeout
 /// before their first byte, then get the header timeout for the rest.
-async fn wait_for_head<S: AsyncReadRent>(
+async fn wait_for_head<S: AsyncReadRent + WaitReadable>(
     client: &mut S,
     conn: &mut Conn,
     ctx: &WorkerCtx,
@@ -164,6 +165,16 @@ async fn wait_for_head<S: AsyncReadRent>(
         if waiting_idle && *drain.borrow() {
             return HeadWait::End;
         }
+        if waiting_idle && conn.inbuf.is_empty() {
+            let ready = monoio::time::timeout_at(deadline, client.wait_readable());
+            let ready = monoio::select! {
+                r = ready => r,
+                _ = drain.changed() => return HeadWait::End,
+            };
+            if !matches!(ready, Ok(Ok(()))) {
+                return HeadWait::End;
+            }
+        }
         // A cancelled read takes the buffer with it, so note now whether a head had started.
         let head_started = !conn.inbuf.is_empty();
         let min_free = if conn.inbuf.is_empty() {
@@ -171,7 +182,12 @@ async fn wait_for_head<S: AsyncReadRent>(
         } else {
             16 * 1024
         };
-        let read = monoio::time::timeout_at(deadline, conn.inbuf.fill_at_least(client, min_free));
+        // Boxed: a read's state (a TLS read holds a whole record exchange) would otherwise
+        // make every connection's task that large, idle ones included.
+        let read = monoio::time::timeout_at(
+            deadline,
+            Box::pin(conn.inbuf.fill_at_least(client, min_free)),
+        );
         let result = if waiting_idle {
             monoio::select! {
                 r = read => r,
