@@ -3,7 +3,6 @@
 use std::time::Duration;
 
 use anyhow::{Result, bail};
-use hdrhistogram::Histogram;
 use serde::Serialize;
 
 use crate::client;
@@ -163,16 +162,12 @@ fn with_wrk(w: Workload, c: &Contestant, env: &Env<'_>, round: usize) -> Result<
         ops_per_sec: ops / secs,
         cpu_us_per_op: cpu / ops.max(1e-9),
         user_us_per_op: spent.user_us as f64 / ops.max(1e-9),
-        p50_us: Some(quantile(&out.latency_us, 0.5)),
-        p99_us: Some(quantile(&out.latency_us, 0.99)),
-        p999_us: Some(quantile(&out.latency_us, 0.999)),
+        p50_us: Some(out.latency_us.value_at_quantile(0.5)),
+        p99_us: Some(out.latency_us.value_at_quantile(0.99)),
+        p999_us: Some(out.latency_us.value_at_quantile(0.999)),
         rss_kib_per_conn: None,
         errors: out.socket_errors + out.bad_status,
     })
-}
-
-fn quantile(h: &Histogram<u64>, q: f64) -> u64 {
-    h.value_at_quantile(q)
 }
 
 /// Every request of a run must have been answered, and well.

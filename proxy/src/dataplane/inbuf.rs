@@ -8,7 +8,7 @@ use monoio::buf::{IoBuf, IoBufMut};
 use monoio::io::{AsyncReadRent, AsyncWriteRent, AsyncWriteRentExt};
 
 /// Smallest free space offered to one read.
-const MIN_READ: usize = 16 * 1024;
+pub const MIN_READ: usize = 16 * 1024;
 /// Free space offered to the first read of a request on an empty buffer: most request heads
 /// fit, and an idle keep-alive connection does not pin a large buffer while it waits.
 pub const FIRST_READ: usize = 2 * 1024;

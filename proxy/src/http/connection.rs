@@ -14,7 +14,7 @@ use super::exchange::{Next, exchange};
 use super::head::{HeadError, RequestHead, ResponseHead};
 use super::responses::{self, ProxyStatus};
 use crate::dataplane::WorkerCtx;
-use crate::dataplane::inbuf::{FIRST_READ, InBuf, write_vec};
+use crate::dataplane::inbuf::{FIRST_READ, InBuf, MIN_READ, write_vec};
 use crate::dataplane::readable::WaitReadable;
 use crate::dataplane::upstream::UpstreamStream;
 
@@ -55,9 +55,7 @@ impl Conn {
             out: Vec::new(),
         }
     }
-}
 
-impl Conn {
     /// Between requests only the client buffer's unread bytes matter: the target buffer and
     /// the output buffer go back to the allocator, and so does the client buffer when empty.
     fn release_idle_memory(&mut self) {
@@ -165,11 +163,12 @@ async fn wait_for_head<S: AsyncReadRent + WaitReadable>(
         if waiting_idle && *drain.borrow() {
             return HeadWait::End;
         }
-        if waiting_idle && conn.inbuf.is_empty() {
+        if conn.inbuf.is_empty() {
+            // No bytes of a head yet: wait lending no buffer (an idle or silent client holds
+            // none). Timing out here is the end of a connection with no request started.
             let ready = monoio::time::timeout_at(deadline, client.wait_readable());
-            let ready = monoio::select! {
-                r = ready => r,
-                _ = drain.changed() => return HeadWait::End,
+            let Some(ready) = unless_drained(ready, waiting_idle, drain).await else {
+                return HeadWait::End;
             };
             if !matches!(ready, Ok(Ok(()))) {
                 return HeadWait::End;
@@ -180,7 +179,7 @@ async fn wait_for_head<S: AsyncReadRent + WaitReadable>(
         let min_free = if conn.inbuf.is_empty() {
             FIRST_READ
         } else {
-            16 * 1024
+            MIN_READ
         };
         // Boxed: a read's state (a TLS read holds a whole record exchange) would otherwise
         // make every connection's task that large, idle ones included.
@@ -188,13 +187,8 @@ async fn wait_for_head<S: AsyncReadRent + WaitReadable>(
             deadline,
             Box::pin(conn.inbuf.fill_at_least(client, min_free)),
         );
-        let result = if waiting_idle {
-            monoio::select! {
-                r = read => r,
-                _ = drain.changed() => return HeadWait::End,
-            }
-        } else {
-            read.await
+        let Some(result) = unless_drained(read, waiting_idle, drain).await else {
+            return HeadWait::End;
         };
         match result {
             Err(_) if !head_started => return HeadWait::End,
@@ -202,6 +196,23 @@ async fn wait_for_head<S: AsyncReadRent + WaitReadable>(
             Ok(Err(_)) | Ok(Ok(0)) => return HeadWait::End,
             Ok(Ok(_)) => {}
         }
+    }
+}
+
+/// Awaits `fut`; while the connection idles between requests (`idle`), a drain ends the wait
+/// early with `None`.
+async fn unless_drained<F: std::future::Future>(
+    fut: F,
+    idle: bool,
+    drain: &mut tokio::sync::watch::Receiver<bool>,
+) -> Option<F::Output> {
+    if idle {
+        monoio::select! {
+            r = fut => Some(r),
+            _ = drain.changed() => None,
+        }
+    } else {
+        Some(fut.await)
     }
 }
 

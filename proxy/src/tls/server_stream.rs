@@ -2,9 +2,10 @@
 //!
 //! monoio-rustls gives every connection two 16 KiB buffers for its whole life; with thousands
 //! of idle keep-alive connections that is most of the proxy's memory. Here ciphertext buffers
-//! are borrowed from a small per-thread pool only while bytes move: a read first waits for
-//! the socket to become readable (an io_uring poll, no buffer), then reads into a pooled buffer
-//! and gives it back once rustls has taken every byte.
+//! are borrowed from a small per-thread pool only while bytes move, and given back once rustls
+//! has taken every byte. Waits with no bytes in sight (before the ClientHello, and between
+//! requests through `WaitReadable`) are io_uring polls that lend no buffer; other reads go
+//! straight to the socket, without a poll round trip first.
 //!
 //! Like every monoio stream, it must not be used again after an operation was cancelled.
 
@@ -79,6 +80,10 @@ impl TlsServerStream {
             if stream.conn.wants_write() {
                 stream.send_tls().await?;
             } else if stream.conn.wants_read() {
+                if stream.pending_pos >= stream.pending.len() {
+                    // A client that connects and sends nothing holds no buffer.
+                    stream.tcp.readable(false).await?;
+                }
                 if !stream.receive_tls().await? {
                     return Err(io::Error::new(
                         io::ErrorKind::UnexpectedEof,
@@ -92,11 +97,6 @@ impl TlsServerStream {
         // Finished and session tickets.
         stream.send_tls().await?;
         Ok(stream)
-    }
-
-    /// The negotiated connection, for SNI and ALPN.
-    pub fn connection(&self) -> &ServerConnection {
-        &self.conn
     }
 
     /// Sends everything rustls has queued, in one write per call of `write_tls`.
@@ -115,8 +115,6 @@ impl TlsServerStream {
     /// the socket. `Ok(false)` is the end of the stream.
     async fn receive_tls(&mut self) -> io::Result<bool> {
         if self.pending_pos >= self.pending.len() {
-            // Wait without a buffer, then read what is there.
-            self.tcp.readable(false).await?;
             let buf = take_buffer(READ_SIZE);
             let (res, buf) = self.tcp.read(buf).await;
             self.pending = buf;
