@@ -167,8 +167,15 @@ async fn wait_for_head<S: AsyncReadRent + WaitReadable>(
             // No bytes of a head yet: wait lending no buffer (an idle or silent client holds
             // none). Timing out here is the end of a connection with no request started.
             let ready = monoio::time::timeout_at(deadline, client.wait_readable());
-            let Some(ready) = unless_drained(ready, waiting_idle, drain).await else {
-                return HeadWait::End;
+            // The drain-aware wait is written out here and for the read below: a shared async
+            // helper grew every idle connection's state by ~0.9 KiB (measured by the bench).
+            let ready = if waiting_idle {
+                monoio::select! {
+                    r = ready => r,
+                    _ = drain.changed() => return HeadWait::End,
+                }
+            } else {
+                ready.await
             };
             if !matches!(ready, Ok(Ok(()))) {
                 return HeadWait::End;
@@ -187,8 +194,13 @@ async fn wait_for_head<S: AsyncReadRent + WaitReadable>(
             deadline,
             Box::pin(conn.inbuf.fill_at_least(client, min_free)),
         );
-        let Some(result) = unless_drained(read, waiting_idle, drain).await else {
-            return HeadWait::End;
+        let result = if waiting_idle {
+            monoio::select! {
+                r = read => r,
+                _ = drain.changed() => return HeadWait::End,
+            }
+        } else {
+            read.await
         };
         match result {
             Err(_) if !head_started => return HeadWait::End,
@@ -196,23 +208,6 @@ async fn wait_for_head<S: AsyncReadRent + WaitReadable>(
             Ok(Err(_)) | Ok(Ok(0)) => return HeadWait::End,
             Ok(Ok(_)) => {}
         }
-    }
-}
-
-/// Awaits `fut`; while the connection idles between requests (`idle`), a drain ends the wait
-/// early with `None`.
-async fn unless_drained<F: std::future::Future>(
-    fut: F,
-    idle: bool,
-    drain: &mut tokio::sync::watch::Receiver<bool>,
-) -> Option<F::Output> {
-    if idle {
-        monoio::select! {
-            r = fut => Some(r),
-            _ = drain.changed() => None,
-        }
-    } else {
-        Some(fut.await)
     }
 }
 
