@@ -9,6 +9,8 @@ use std::time::Duration;
 
 use rustls::pki_types::{CertificateDer, ServerName, pem::PemObject};
 
+use crate::process::stdout_of;
+
 /// A minimal HTTP/1.0 GET over plain TCP (health probes), bounded by a 5 s timeout.
 pub fn plain_get(addr: impl ToSocketAddrs, path: &str) -> std::io::Result<Vec<u8>> {
     let addr = addr
@@ -56,23 +58,19 @@ impl CurlResponse {
 /// Runs `curl` against `https://host:port/path` with `--resolve` to loopback and the test CA.
 pub fn curl(ca: &Path, host: &str, port: u16, path: &str, extra: &[&str]) -> CurlResponse {
     let url = format!("https://{host}:{port}{path}");
-    let out = Command::new("curl")
-        .args(["-sS", "-i", "--max-time", "60", "--http1.1"])
-        .arg("--cacert")
-        .arg(ca)
-        .arg("--resolve")
-        .arg(format!("{host}:{port}:127.0.0.1"))
-        .args(extra)
-        .arg(&url)
-        .stdin(Stdio::null())
-        .output()
-        .expect("run curl");
-    assert!(
-        out.status.success(),
-        "curl {url} failed: {}",
-        String::from_utf8_lossy(&out.stderr)
+    let out = stdout_of(
+        Command::new("curl")
+            .args(["-sS", "-i", "--max-time", "60", "--http1.1"])
+            .arg("--cacert")
+            .arg(ca)
+            .arg("--resolve")
+            .arg(format!("{host}:{port}:127.0.0.1"))
+            .args(extra)
+            .arg(&url)
+            .stdin(Stdio::null()),
+        &format!("curl {url}"),
     );
-    parse_response(&out.stdout)
+    parse_response(&out)
 }
 
 /// Splits `curl -i` output into the final response (interim 1xx heads are skipped).

@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
-use crate::process::Supervised;
+use crate::process::{Supervised, stdout_of};
 use crate::proxy::{TestDir, binary, free_port};
 
 /// Which store a test runs on.
@@ -56,16 +56,12 @@ impl TestStore {
                     std::process::id(),
                     N.fetch_add(1, Ordering::Relaxed)
                 );
-                let out = Command::new("psql")
-                    .arg(&base)
-                    .args(["-v", "ON_ERROR_STOP=1", "-q", "-c"])
-                    .arg(format!("CREATE DATABASE {db}"))
-                    .output()
-                    .expect("run psql");
-                assert!(
-                    out.status.success(),
-                    "create database: {}",
-                    String::from_utf8_lossy(&out.stderr)
+                stdout_of(
+                    Command::new("psql")
+                        .arg(&base)
+                        .args(["-v", "ON_ERROR_STOP=1", "-q", "-c"])
+                        .arg(format!("CREATE DATABASE {db}")),
+                    "psql CREATE DATABASE",
                 );
                 let url = match base.rsplit_once('/') {
                     Some((prefix, _)) => format!("{prefix}/{db}"),
@@ -95,17 +91,13 @@ impl TestStore {
                 String::from_utf8_lossy(&all).into_owned()
             }
             StoreKind::Postgres => {
-                let out = Command::new("pg_dump")
-                    .arg(&self.url)
-                    .args(["--data-only", "--inserts"])
-                    .output()
-                    .expect("run pg_dump");
-                assert!(
-                    out.status.success(),
-                    "pg_dump: {}",
-                    String::from_utf8_lossy(&out.stderr)
+                let dump = stdout_of(
+                    Command::new("pg_dump")
+                        .arg(&self.url)
+                        .args(["--data-only", "--inserts"]),
+                    "pg_dump",
                 );
-                String::from_utf8_lossy(&out.stdout).into_owned()
+                String::from_utf8_lossy(&dump).into_owned()
             }
         }
     }
@@ -211,18 +203,14 @@ impl Management {
 
     /// Runs `portcullis management ARGS` on this server's store; returns stdout.
     fn cli(&self, args: &[&str]) -> String {
-        let out = Command::new(binary())
-            .arg("management")
-            .args(args)
-            .env("PORTCULLIS_STORE_URL", &self.store_url)
-            .output()
-            .unwrap_or_else(|e| panic!("run management {args:?}: {e}"));
-        assert!(
-            out.status.success(),
-            "management {args:?}: {}",
-            String::from_utf8_lossy(&out.stderr)
+        let out = stdout_of(
+            Command::new(binary())
+                .arg("management")
+                .args(args)
+                .env("PORTCULLIS_STORE_URL", &self.store_url),
+            &format!("management {args:?}"),
         );
-        String::from_utf8_lossy(&out.stdout).into_owned()
+        String::from_utf8_lossy(&out).into_owned()
     }
 
     /// Creates an account with an owner through the CLI; returns (account id, owner PAT).

@@ -10,6 +10,7 @@ use tests::backend::Backend;
 use tests::client::curl;
 use tests::grpc_peer::StreamObserver;
 use tests::management::{Management, StoreKind, TestStore, service_body};
+use tests::process::stdout_of;
 use tests::proxy::{Proxy, ProxyOptions, TestDir};
 
 /// Runs a scenario once per store.
@@ -543,17 +544,11 @@ fn up_prints_a_curl_line_that_works() {
             "1. Publish the demo service through the proxy:",
             "2. Open it:",
         );
-        let out = Command::new("sh")
-            .arg("-c")
-            .arg(&create)
-            .output()
-            .expect("create");
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
+        let out = stdout_of(
+            Command::new("sh").arg("-c").arg(&create),
+            "the printed create command",
         );
-        let created: serde_json::Value = serde_json::from_slice(&out.stdout).expect("service JSON");
+        let created: serde_json::Value = serde_json::from_slice(&out).expect("service JSON");
         assert_eq!(created["domain"], "demo.localhost", "{created}");
         let open = section("2. Open it:", "Data (store");
         let deadline = Instant::now() + Duration::from_secs(5);

@@ -4,6 +4,7 @@ use std::process::Command;
 
 use tests::backend::{Backend, FNV_OFFSET, fnv1a64};
 use tests::client::{curl, tls_connect};
+use tests::process::stdout_of;
 use tests::proxy::{Proxy, ProxyOptions};
 
 fn one_service(name: &str, port: u16) -> String {
@@ -24,17 +25,8 @@ fn one_gib_chunked_upload_streams_with_flat_memory() {
         ca = proxy.ca_path().display(),
         port = proxy.https_port
     );
-    let out = Command::new("sh")
-        .arg("-c")
-        .arg(&script)
-        .output()
-        .expect("run upload");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let r = tests::client::parse_response(&out.stdout);
+    let out = stdout_of(Command::new("sh").arg("-c").arg(&script), "the upload");
+    let r = tests::client::parse_response(&out);
     assert_eq!(r.status, 200, "{}", r.text());
     let v = r.json();
     assert_eq!(v["body_bytes"].as_u64(), Some(GIB));
