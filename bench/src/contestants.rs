@@ -97,11 +97,11 @@ pub fn free_port() -> Result<u16> {
     bail!("no free port between 20000 and 32000")
 }
 
-fn loopback(port: u16) -> SocketAddr {
+pub fn loopback(port: u16) -> SocketAddr {
     SocketAddr::from(([127, 0, 0, 1], port))
 }
 
-fn write(path: &Path, text: &str) -> Result<()> {
+pub fn write(path: &Path, text: &str) -> Result<()> {
     std::fs::write(path, text).with_context(|| format!("write {}", path.display()))
 }
 
@@ -140,7 +140,7 @@ pub fn start_backend(dir: &Path, placement: &Placement) -> Result<(Server, Socke
     Ok((server, addr))
 }
 
-fn nginx_args(prefix: &Path, conf: &Path) -> Vec<String> {
+pub fn nginx_args(prefix: &Path, conf: &Path) -> Vec<String> {
     vec![
         "-p".into(),
         prefix.display().to_string(),

@@ -1,10 +1,10 @@
 //! What the numbers were measured on.
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use crate::contestants::version_of;
 
-#[derive(Debug, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Machine {
     pub date_utc: String,
     pub cpu: String,
@@ -16,8 +16,16 @@ pub struct Machine {
     pub nginx: String,
     pub haproxy: String,
     pub wrk: String,
+    /// The L4 part's load generator and packet filter.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub iperf3: String,
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub nft: String,
     /// How the cores were shared out.
     pub placement: String,
+    /// `/proc/loadavg` when the run started: anything else running skews the figures.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub load_average: String,
 }
 
 pub fn describe(portcullis_bin: &std::path::Path, placement: String) -> Machine {
@@ -47,7 +55,12 @@ pub fn describe(portcullis_bin: &std::path::Path, placement: String) -> Machine 
             .unwrap_or_default()
             .to_string(),
         wrk: version_of("wrk", "--version"),
+        iperf3: version_of("iperf3", "--version"),
+        nft: version_of("nft", "--version"),
         placement,
+        load_average: std::fs::read_to_string("/proc/loadavg")
+            .map(|l| l.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
+            .unwrap_or_default(),
     }
 }
 

@@ -4,6 +4,10 @@
 //! nginx backend; wrk and the backend share the other cores. Every workload runs against each
 //! proxy in turn for several rounds; the report gives medians and the ratios Portcullis/nginx
 //! and Portcullis/HAProxy. `cargo xtask bench` installs the tools and runs this.
+//!
+//! The L4 part (`l4`) does the same for TCP and UDP proxying (iperf3 through Portcullis with and
+//! without the kernel splice, HAProxy and nginx's stream module) and compares Portcullis's XDP
+//! filter with nftables at dropping a flood, in network namespaces of its own.
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -15,6 +19,7 @@ use clap::Parser;
 mod certs;
 mod client;
 mod contestants;
+mod l4;
 mod machine;
 mod process;
 mod report;
@@ -22,6 +27,8 @@ mod workloads;
 mod wrk;
 
 use contestants::{Contestant, Kind, Placement, Settings};
+use l4::L4Workload;
+use report::Report;
 use workloads::{Effort, Workload};
 
 #[derive(Parser, Debug)]
@@ -64,10 +71,15 @@ struct Args {
     /// every proxy answers every workload correctly; the numbers mean little.
     #[arg(long)]
     quick: bool,
-    /// Workloads to run (comma separated): https-keepalive, tls-handshake, large-response,
-    /// idle-tls, http-keepalive. Default: all.
+    /// Workloads to run (comma separated). HTTP: https-keepalive, tls-handshake,
+    /// large-response, idle-tls, http-keepalive. L4: l4-tcp, l4-udp, xdp-drop. Default: all.
+    /// When only one part (HTTP or L4) runs, the other part of the existing report is kept.
     #[arg(long, value_delimiter = ',')]
     workloads: Vec<String>,
+    /// Measure nothing: rewrite `<stem>.md` (and the targets in `<stem>.json`) from the existing
+    /// `<stem>.json`, after a change to how the report is written.
+    #[arg(long)]
+    render_only: bool,
 }
 
 fn main() -> std::process::ExitCode {
@@ -109,6 +121,17 @@ fn placement() -> (Placement, String) {
 }
 
 fn run(mut args: Args) -> Result<()> {
+    if args.render_only {
+        let path = args.out.join(format!("{}.json", args.stem));
+        let mut report =
+            Report::load(&path)?.with_context(|| format!("{} not found", path.display()))?;
+        report::write(&args.out, &args.stem, &mut report)?;
+        eprintln!(
+            "bench: rewrote {} from its JSON",
+            args.out.join(format!("{}.md", args.stem)).display()
+        );
+        return Ok(());
+    }
     if args.quick {
         args.rounds = 1;
         args.duration = Duration::from_secs(1);
@@ -116,18 +139,18 @@ fn run(mut args: Args) -> Result<()> {
         args.idle_connections = args.idle_connections.min(500);
         args.out = args.work_dir.join("report");
     }
-    let selected: Vec<Workload> = if args.workloads.is_empty() {
-        workloads::ALL.to_vec()
-    } else {
-        args.workloads
-            .iter()
-            .map(|w| Workload::parse(w).with_context(|| format!("unknown workload {w:?}")))
-            .collect::<Result<_>>()?
-    };
+    let (http, l4_selected) = select(&args.workloads)?;
     if args.rounds == 0 {
         bail!("--rounds must be at least 1");
     }
-    for tool in ["nginx", "haproxy", "wrk", "taskset"] {
+    let mut tools: Vec<&str> = Vec::new();
+    if !http.is_empty() {
+        tools.extend(["nginx", "haproxy", "wrk", "taskset"]);
+    }
+    for w in &l4_selected {
+        tools.extend(w.tools());
+    }
+    for tool in tools {
         contestants::find_program(tool)?;
     }
     let portcullis_bin = std::fs::canonicalize(&args.portcullis).with_context(|| {
@@ -136,6 +159,98 @@ fn run(mut args: Args) -> Result<()> {
             args.portcullis.display()
         )
     })?;
+    // A run of one part keeps the other part of the report it replaces.
+    let mut report = if args.quick || (!http.is_empty() && !l4_selected.is_empty()) {
+        Report::default()
+    } else {
+        let path = args.out.join(format!("{}.json", args.stem));
+        Report::load(&path)
+            .unwrap_or_else(|e| {
+                eprintln!("bench: {e:#}; the part not run now is left out of the report");
+                None
+            })
+            .unwrap_or_default()
+    };
+
+    let _ = std::fs::remove_dir_all(&args.work_dir);
+    std::fs::create_dir_all(&args.work_dir)?;
+    let work = std::fs::canonicalize(&args.work_dir)?;
+    let (placement, placement_text) = placement();
+    let started = Instant::now();
+    if !http.is_empty() {
+        let machine = machine::describe(&portcullis_bin, placement_text.clone());
+        eprintln!("bench: {} cores, {}", machine.cores, machine.placement);
+        let (effort, results) = run_http(&mut args, &http, &work, &placement, &portcullis_bin)?;
+        report.machine = Some(machine);
+        report.effort = Some(effort);
+        report.rounds = Some(args.rounds);
+        report.workloads = results;
+    }
+    if !l4_selected.is_empty() {
+        let l4_placement =
+            placement_text.replace("wrk and the backend", "iperf3 (both ends) and the flood");
+        let machine = machine::describe(&portcullis_bin, l4_placement);
+        let settings = l4::Settings {
+            dir: &work,
+            portcullis_bin: &portcullis_bin,
+            placement: &placement,
+            effort: l4::report::L4Effort {
+                rounds: args.rounds,
+                duration: args.duration,
+                warmup: args.warmup,
+            },
+        };
+        report.l4 = Some(l4::run(&l4_selected, &settings, machine)?);
+    }
+    report::write(&args.out, &args.stem, &mut report)?;
+    eprintln!(
+        "bench: done in {:.0?}; report in {}",
+        started.elapsed(),
+        args.out.join(format!("{}.md", args.stem)).display()
+    );
+    print!("{}", report::markdown(&report));
+    let failures = report.l4.as_ref().map(|r| r.failures()).unwrap_or_default();
+    if !failures.is_empty() {
+        bail!(
+            "{} L4 run(s) failed (the report has the figures of the rest):\n  {}",
+            failures.len(),
+            failures.join("\n  ")
+        );
+    }
+    Ok(())
+}
+
+/// The HTTP and L4 workloads named (all of both when none is).
+fn select(names: &[String]) -> Result<(Vec<Workload>, Vec<L4Workload>)> {
+    if names.is_empty() {
+        return Ok((workloads::ALL.to_vec(), l4::ALL.to_vec()));
+    }
+    let (mut http, mut l4) = (Vec::new(), Vec::new());
+    for name in names {
+        if let Some(w) = Workload::parse(name) {
+            http.push(w);
+        } else if let Some(w) = L4Workload::parse(name) {
+            l4.push(w);
+        } else {
+            let known: Vec<&str> = workloads::ALL
+                .iter()
+                .map(|w| w.id())
+                .chain(l4::ALL.iter().map(|w| w.id()))
+                .collect();
+            bail!("unknown workload {name:?}; known: {}", known.join(", "));
+        }
+    }
+    Ok((http, l4))
+}
+
+/// The HTTP workloads (issue #4) against Portcullis, nginx and HAProxy.
+fn run_http(
+    args: &mut Args,
+    selected: &[Workload],
+    work: &std::path::Path,
+    placement: &Placement,
+    portcullis_bin: &std::path::Path,
+) -> Result<(Effort, Vec<report::WorkloadResult>)> {
     let open_files = client::raise_open_file_limit();
     // The idle client holds one descriptor per connection; leave room for the rest.
     let idle_cap = open_files.saturating_sub(200) as usize;
@@ -146,23 +261,15 @@ fn run(mut args: Args) -> Result<()> {
         );
         args.idle_connections = idle_cap;
     }
-
-    let _ = std::fs::remove_dir_all(&args.work_dir);
-    std::fs::create_dir_all(&args.work_dir)?;
-    let work = std::fs::canonicalize(&args.work_dir)?;
-    let (placement, placement_text) = placement();
-    let machine = machine::describe(&portcullis_bin, placement_text);
-    eprintln!("bench: {} cores, {}", machine.cores, machine.placement);
-
     let certs = certs::write(&work.join("certs"), contestants::SERVICE_HOST)?;
-    let script = wrk::write_script(&work)?;
-    let (_backend, backend) = contestants::start_backend(&work, &placement)?;
+    let script = wrk::write_script(work)?;
+    let (_backend, backend) = contestants::start_backend(work, placement)?;
     let settings = Settings {
-        dir: &work,
+        dir: work,
         certs: &certs,
         backend,
-        placement: &placement,
-        portcullis_bin: &portcullis_bin,
+        placement,
+        portcullis_bin,
         max_connections: args.idle_connections,
     };
     let mut proxies: Vec<Contestant> = [Kind::Portcullis, Kind::Nginx, Kind::Haproxy]
@@ -194,9 +301,8 @@ fn run(mut args: Args) -> Result<()> {
         );
     }
 
-    let started = Instant::now();
     let mut results = Vec::new();
-    for w in selected {
+    for &w in selected {
         let mut samples: BTreeMap<&'static str, Vec<workloads::Sample>> = BTreeMap::new();
         for round in 0..args.rounds {
             // Rotate who goes first, so no proxy always follows the same one.
@@ -229,29 +335,5 @@ fn run(mut args: Args) -> Result<()> {
         }
         results.push(report::WorkloadResult::new(w, samples));
     }
-    drop(proxies);
-    report::write(
-        &args.out,
-        &args.stem,
-        &machine,
-        &effort,
-        args.rounds,
-        &results,
-    )?;
-    eprintln!(
-        "bench: done in {:.0?}; report in {}",
-        started.elapsed(),
-        args.out.join(format!("{}.md", args.stem)).display()
-    );
-    print!(
-        "{}",
-        report::markdown(
-            &machine,
-            &effort,
-            args.rounds,
-            &results,
-            &report::targets(&results)
-        )
-    );
-    Ok(())
+    Ok((effort, results))
 }

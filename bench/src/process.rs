@@ -110,6 +110,26 @@ fn children_of(pid: u32) -> Vec<u32> {
         .collect()
 }
 
+/// Kernel threads (children of kthreadd): kworkers and ksoftirqd, which do the kernel's share of
+/// forwarding (a sockmap splice's sends run in kworkers).
+pub fn kernel_threads() -> Vec<u32> {
+    children_of(2)
+}
+
+/// User and system CPU of every child process this harness has waited for (load generators
+/// that have exited), in microseconds.
+pub fn waited_children_cpu() -> CpuTime {
+    use nix::sys::resource::{UsageWho, getrusage};
+    let Ok(u) = getrusage(UsageWho::RUSAGE_CHILDREN) else {
+        return CpuTime::default();
+    };
+    let us = |t: nix::sys::time::TimeVal| t.tv_sec() as u64 * 1_000_000 + t.tv_usec() as u64;
+    CpuTime {
+        user_us: us(u.user_time()),
+        system_us: us(u.system_time()),
+    }
+}
+
 /// CPU time of a set of processes, in microseconds.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct CpuTime {

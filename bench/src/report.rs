@@ -6,21 +6,59 @@ use std::fmt::Write as _;
 use std::path::Path;
 
 use anyhow::{Context, Result};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use crate::contestants::Kind;
+use crate::l4::report::L4Report;
 use crate::machine::Machine;
 use crate::workloads::{Effort, Sample, Workload};
 
-#[derive(Debug, Serialize)]
-pub struct WorkloadResult {
-    pub workload: Workload,
-    pub title: &'static str,
-    pub samples: BTreeMap<&'static str, Vec<Sample>>,
-    pub medians: BTreeMap<&'static str, Medians>,
+/// The whole report: the HTTP part (the workloads of issue #4) and the L4 part (issue #5). Either
+/// may be missing; a run of only one part keeps the other from the previous report.
+#[derive(Debug, Default, Serialize, Deserialize)]
+pub struct Report {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub machine: Option<Machine>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub effort: Option<Effort>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rounds: Option<usize>,
+    #[serde(default)]
+    pub workloads: Vec<WorkloadResult>,
+    /// Computed from the medians when written.
+    #[serde(default, skip_deserializing)]
+    pub targets: Vec<Target>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub l4: Option<L4Report>,
 }
 
-#[derive(Debug, Clone, Copy, Default, Serialize)]
+impl Report {
+    /// The report at `path`, if there is one that this harness can read.
+    pub fn load(path: &Path) -> Result<Option<Report>> {
+        let text = match std::fs::read_to_string(path) {
+            Ok(t) => t,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(e).with_context(|| format!("read {}", path.display())),
+        };
+        serde_json::from_str(&text)
+            .map(Some)
+            .with_context(|| format!("{} is not a report this harness wrote", path.display()))
+    }
+
+    fn has_http(&self) -> bool {
+        self.machine.is_some() && !self.workloads.is_empty()
+    }
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+pub struct WorkloadResult {
+    pub workload: Workload,
+    pub title: String,
+    pub samples: BTreeMap<String, Vec<Sample>>,
+    pub medians: BTreeMap<String, Medians>,
+}
+
+#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize)]
 pub struct Medians {
     pub ops_per_sec: f64,
     pub cpu_us_per_op: f64,
@@ -31,7 +69,7 @@ pub struct Medians {
     pub rss_kib_per_conn: Option<f64>,
 }
 
-fn median(mut v: Vec<f64>) -> Option<f64> {
+pub fn median(mut v: Vec<f64>) -> Option<f64> {
     if v.is_empty() {
         return None;
     }
@@ -52,7 +90,7 @@ impl WorkloadResult {
                 let of =
                     |f: &dyn Fn(&Sample) -> Option<f64>| median(s.iter().filter_map(f).collect());
                 (
-                    *proxy,
+                    proxy.to_string(),
                     Medians {
                         ops_per_sec: of(&|s| Some(s.ops_per_sec)).unwrap_or(0.0),
                         cpu_us_per_op: of(&|s| Some(s.cpu_us_per_op)).unwrap_or(0.0),
@@ -67,8 +105,11 @@ impl WorkloadResult {
             .collect();
         WorkloadResult {
             workload,
-            title: workload.title(),
-            samples,
+            title: workload.title().to_string(),
+            samples: samples
+                .into_iter()
+                .map(|(k, v)| (k.to_string(), v))
+                .collect(),
             medians,
         }
     }
@@ -78,10 +119,10 @@ impl WorkloadResult {
     }
 }
 
-/// A goal from issue #4, checked against the medians.
+/// A goal from issue #4 or #5, checked against the medians.
 #[derive(Debug, Serialize)]
 pub struct Target {
-    pub workload: Workload,
+    pub workload: String,
     pub goal: String,
     /// Portcullis's value divided by the reference's.
     pub measured_ratio: Option<f64>,
@@ -89,10 +130,21 @@ pub struct Target {
     /// Whether a higher ratio is better (throughput) or a lower one (latency, memory).
     pub higher_is_better: bool,
     pub met: Option<bool>,
+    /// What the reader needs to weigh the result (why it was not measured, what bounds it).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub note: Option<String>,
 }
 
 impl Target {
-    fn gap(&self) -> String {
+    pub fn gap(&self) -> String {
+        let result = self.result();
+        match &self.note {
+            Some(note) => format!("{result}; {note}"),
+            None => result,
+        }
+    }
+
+    fn result(&self) -> String {
         match (self.met, self.measured_ratio) {
             (None, _) | (_, None) => "not measured".into(),
             (Some(true), Some(r)) => format!("met ({r:.2}×)"),
@@ -111,15 +163,15 @@ impl Target {
     }
 }
 
-fn ratio(a: Option<f64>, b: Option<f64>) -> Option<f64> {
+pub fn ratio(a: Option<f64>, b: Option<f64>) -> Option<f64> {
     match (a, b) {
         (Some(a), Some(b)) if b > 0.0 => Some(a / b),
         _ => None,
     }
 }
 
-fn target(
-    workload: Workload,
+pub fn target(
+    workload: &str,
     goal: &str,
     measured: Option<f64>,
     wanted: f64,
@@ -127,12 +179,13 @@ fn target(
 ) -> Target {
     let met = measured.map(|r| if higher { r >= wanted } else { r <= wanted });
     Target {
-        workload,
+        workload: workload.to_string(),
         goal: goal.to_string(),
         measured_ratio: measured,
         wanted_ratio: wanted,
         higher_is_better: higher,
         met,
+        note: None,
     }
 }
 
@@ -144,8 +197,8 @@ pub fn targets(results: &[WorkloadResult]) -> Vec<Target> {
         let h = r.get(Kind::Haproxy);
         let rps = |m: Option<&Medians>| m.map(|m| m.ops_per_sec);
         let p99 = |m: Option<&Medians>| m.and_then(|m| m.p99_us);
-        let w = r.workload;
-        match w {
+        let w = r.workload.id();
+        match r.workload {
             Workload::HttpsKeepAlive => {
                 out.push(target(
                     w,
@@ -222,44 +275,23 @@ pub fn targets(results: &[WorkloadResult]) -> Vec<Target> {
     out
 }
 
-#[derive(Serialize)]
-struct Json<'a> {
-    machine: &'a Machine,
-    effort: &'a Effort,
-    rounds: usize,
-    workloads: &'a [WorkloadResult],
-    targets: &'a [Target],
-}
-
-pub fn write(
-    dir: &Path,
-    stem: &str,
-    machine: &Machine,
-    effort: &Effort,
-    rounds: usize,
-    results: &[WorkloadResult],
-) -> Result<()> {
+/// Writes `<stem>.json` and `<stem>.md`, the targets computed afresh.
+pub fn write(dir: &Path, stem: &str, report: &mut Report) -> Result<()> {
     std::fs::create_dir_all(dir).with_context(|| format!("create {}", dir.display()))?;
-    let targets = targets(results);
-    let json = serde_json::to_string_pretty(&Json {
-        machine,
-        effort,
-        rounds,
-        workloads: results,
-        targets: &targets,
-    })?;
+    report.targets = targets(&report.workloads);
+    if let Some(l4) = report.l4.as_mut() {
+        l4.targets = l4.compute_targets();
+    }
+    let json = serde_json::to_string_pretty(report)?;
     std::fs::write(dir.join(format!("{stem}.json")), json + "\n")?;
-    std::fs::write(
-        dir.join(format!("{stem}.md")),
-        markdown(machine, effort, rounds, results, &targets),
-    )?;
+    std::fs::write(dir.join(format!("{stem}.md")), markdown(report))?;
     Ok(())
 }
 
 /// Reads one metric out of a proxy's medians.
 type MetricOf = Box<dyn Fn(&Medians) -> Option<f64>>;
 
-fn fmt(v: Option<f64>) -> String {
+pub fn fmt(v: Option<f64>) -> String {
     match v {
         None => "–".into(),
         Some(v) if v >= 1000.0 => format!("{v:.0}"),
@@ -268,19 +300,43 @@ fn fmt(v: Option<f64>) -> String {
     }
 }
 
-fn fmt_ratio(v: Option<f64>) -> String {
+pub fn fmt_ratio(v: Option<f64>) -> String {
     v.map_or("–".into(), |v| format!("{v:.2}×"))
 }
 
-pub fn markdown(
+/// The whole report in Markdown: the HTTP part, then the L4 part.
+pub fn markdown(report: &Report) -> String {
+    let mut s = String::new();
+    let _ = writeln!(s, "# Portcullis against nginx and HAProxy\n");
+    if let (true, Some(machine), Some(effort), Some(rounds)) = (
+        report.has_http(),
+        &report.machine,
+        &report.effort,
+        report.rounds,
+    ) {
+        http_markdown(
+            &mut s,
+            machine,
+            effort,
+            rounds,
+            &report.workloads,
+            &report.targets,
+        );
+    }
+    if let Some(l4) = &report.l4 {
+        crate::l4::report::markdown(&mut s, l4);
+    }
+    s
+}
+
+fn http_markdown(
+    s: &mut String,
     machine: &Machine,
     effort: &Effort,
     rounds: usize,
     results: &[WorkloadResult],
     targets: &[Target],
-) -> String {
-    let mut s = String::new();
-    let _ = writeln!(s, "# Portcullis against nginx and HAProxy\n");
+) {
     let _ = writeln!(
         s,
         "Measured {} on {} ({} cores, {}), {}, kernel {}. {}. Portcullis {}, {}, {}, load from {}.\n",
@@ -308,10 +364,10 @@ pub fn markdown(
     );
     let _ = writeln!(
         s,
-        "## Targets\n\n| workload | target | result |\n|---|---|---|"
+        "## Targets of issue #4\n\n| workload | target | result |\n|---|---|---|"
     );
     for t in targets {
-        let _ = writeln!(s, "| {} | {} | {} |", t.workload.id(), t.goal, t.gap());
+        let _ = writeln!(s, "| {} | {} | {} |", t.workload, t.goal, t.gap());
     }
     let _ = writeln!(s);
     for r in results {
@@ -373,7 +429,6 @@ pub fn markdown(
         }
         let _ = writeln!(s);
     }
-    s
 }
 
 #[cfg(test)]
@@ -413,6 +468,13 @@ mod tests {
         assert!(t[1].gap().contains("missed"));
         assert_eq!(t[2].met, Some(true), "p99 90 ≤ 100");
         assert_eq!(t[3].met, Some(true), "p99 90 ≤ 95");
+    }
+
+    #[test]
+    fn the_committed_report_can_be_merged_into() {
+        let text = include_str!("../results/latest.json");
+        let r: Report = serde_json::from_str(text).expect("latest.json reads back");
+        assert!(r.has_http());
     }
 
     #[test]

@@ -3,14 +3,14 @@
 use std::time::Duration;
 
 use anyhow::{Result, bail};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use crate::client;
 use crate::contestants::{Contestant, LARGE_PATH, SERVICE_HOST, SMALL_PATH};
 use crate::process::{cpu_time, rss_kib};
 use crate::wrk::{self, WrkLoad};
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum Workload {
     #[serde(rename = "https-keepalive")]
@@ -77,7 +77,7 @@ impl Workload {
 }
 
 /// How hard and how long each run pushes.
-#[derive(Debug, Clone, Copy, Serialize)]
+#[derive(Debug, Clone, Copy, Serialize, Deserialize)]
 pub struct Effort {
     pub duration: Duration,
     pub warmup: Duration,
@@ -85,7 +85,7 @@ pub struct Effort {
 }
 
 /// One measured run of one workload against one proxy.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Sample {
     pub round: usize,
     /// Operations completed (requests, handshakes, MiB, connections).

@@ -87,6 +87,12 @@ pub struct TargetOptions {
     pub custom_headers: BTreeMap<String, String>,
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub direct_upstream: bool,
+    /// L4: send a PROXY protocol v2 header to the target.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub proxy_protocol: bool,
+    /// UDP: reap a client's session after this long without traffic (`30s`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub session_idle_timeout: Option<String>,
 }
 
 /// A validation failure, reported as 422 with this text.
@@ -170,21 +176,29 @@ impl ServiceRequest {
         } else {
             mode
         };
-        if mode != "http" {
-            return invalid(format!(
-                "mode {mode:?} is not supported yet (custom TCP/UDP/TLS ports come later)"
-            ));
-        }
+        let l4 = match mode.as_str() {
+            "http" => false,
+            "tcp" | "udp" | "tls" => true,
+            _ => return invalid(format!("mode {mode:?} must be http, tcp, udp or tls")),
+        };
         let listen_port = self.listen_port.unwrap_or(0);
-        if listen_port != 0 {
+        if !l4 && listen_port != 0 {
             return invalid("listen_port must be 0 for http services");
+        }
+        if l4 && !(1..=65535).contains(&listen_port) {
+            return invalid(format!(
+                "listen_port is required for {mode} services and must be 1-65535"
+            ));
         }
         if self.targets.is_empty() {
             return invalid("at least one target is required");
         }
+        if l4 && self.targets.iter().filter(|t| t.enabled).count() != 1 {
+            return invalid(format!("a {mode} service has exactly one enabled target"));
+        }
         let mut paths = std::collections::HashSet::new();
         for (i, t) in self.targets.iter().enumerate() {
-            validate_target(i, t)?;
+            validate_target(i, t, &mode)?;
             if t.enabled && !paths.insert(t.path.clone().unwrap_or_else(|| "/".into())) {
                 return invalid(format!(
                     "targets[{i}]: path {:?} is used by another target of this service",
@@ -223,7 +237,7 @@ fn asks_for_auth(auth: &serde_json::Value) -> bool {
     }
 }
 
-fn validate_target(i: usize, t: &TargetSpec) -> Result<(), Invalid> {
+fn validate_target(i: usize, t: &TargetSpec, mode: &str) -> Result<(), Invalid> {
     if !matches!(
         t.target_type.as_str(),
         "peer" | "host" | "domain" | "subnet" | "cluster"
@@ -232,8 +246,37 @@ fn validate_target(i: usize, t: &TargetSpec) -> Result<(), Invalid> {
             "targets[{i}]: target_type must be peer, host, domain, subnet or cluster"
         ));
     }
-    if !matches!(t.protocol.as_str(), "http" | "https") {
-        return invalid(format!("targets[{i}]: protocol must be http or https"));
+    let protocol_fits = match mode {
+        "tcp" | "tls" => t.protocol == "tcp",
+        "udp" => t.protocol == "udp",
+        _ => matches!(t.protocol.as_str(), "http" | "https"),
+    };
+    if !protocol_fits {
+        let wanted = match mode {
+            "tcp" | "tls" => "tcp",
+            "udp" => "udp",
+            _ => "http or https",
+        };
+        return invalid(format!(
+            "targets[{i}]: protocol must be {wanted} for a {mode} service"
+        ));
+    }
+    if mode != "udp" && t.options.session_idle_timeout.is_some() {
+        return invalid(format!(
+            "targets[{i}]: session_idle_timeout is only for udp services"
+        ));
+    }
+    if mode == "http" && t.options.proxy_protocol {
+        return invalid(format!(
+            "targets[{i}]: proxy_protocol is only for tcp, udp and tls services"
+        ));
+    }
+    if let Some(idle) = &t.options.session_idle_timeout {
+        parse_go_duration(idle).ok_or_else(|| {
+            Invalid(format!(
+                "targets[{i}]: session_idle_timeout {idle:?} is not a duration like 30s"
+            ))
+        })?;
     }
     if !(1..=65535).contains(&t.port) {
         return invalid(format!(
@@ -379,6 +422,15 @@ pub fn derive_cluster(
     }
 }
 
+/// `tcp` or `udp` for an L4 mode; None for http.
+pub fn transport_of(mode: &str) -> Option<&'static str> {
+    match mode {
+        "tcp" | "tls" => Some("tcp"),
+        "udp" => Some("udp"),
+        _ => None,
+    }
+}
+
 pub fn spec_of(record: &ServiceRecord) -> Result<ServiceSpec, String> {
     serde_json::from_str(&record.spec).map_err(|e| format!("stored spec is not valid: {e}"))
 }
@@ -396,7 +448,9 @@ pub fn to_mapping(record: &ServiceRecord) -> Result<ProxyMapping, String> {
         };
         let default_port =
             (t.protocol == "http" && t.port == 80) || (t.protocol == "https" && t.port == 443);
-        let target = if default_port {
+        let target = if matches!(t.protocol.as_str(), "tcp" | "udp") {
+            format!("{host}:{}", t.port)
+        } else if default_port {
             format!("{}://{host}/", t.protocol)
         } else {
             format!("{}://{host}:{}/", t.protocol, t.port)
@@ -416,7 +470,12 @@ pub fn to_mapping(record: &ServiceRecord) -> Result<ProxyMapping, String> {
             },
             custom_headers: o.custom_headers.clone().into_iter().collect(),
             direct_upstream: o.direct_upstream,
-            ..Default::default()
+            proxy_protocol: o.proxy_protocol,
+            session_idle_timeout: o
+                .session_idle_timeout
+                .as_deref()
+                .and_then(parse_go_duration)
+                .and_then(|d| prost_types::Duration::try_from(d).ok()),
         };
         path.push(PathMapping {
             path: t.path.clone().unwrap_or_else(|| "/".to_string()),
@@ -433,6 +492,7 @@ pub fn to_mapping(record: &ServiceRecord) -> Result<ProxyMapping, String> {
         pass_host_header: spec.pass_host_header,
         rewrite_redirects: spec.rewrite_redirects,
         mode: spec.mode,
+        listen_port: i32::try_from(spec.listen_port).unwrap_or(0),
         ..Default::default()
     })
 }

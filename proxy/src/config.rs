@@ -77,6 +77,18 @@ pub struct ProxyConfig {
     pub reload_interval: Duration,
     pub forwarded_proto: ForwardedProto,
     pub trusted_proxies: Vec<IpNet>,
+    pub custom_ports: bool,
+    /// Zero: no cap.
+    pub max_session_idle: Duration,
+    pub ebpf: EbpfChoice,
+    pub xdp_interfaces: Vec<String>,
+    pub l4_splice: bool,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum EbpfChoice {
+    Auto,
+    Off,
 }
 
 /// Timeouts and bounds of the data plane.
@@ -159,6 +171,28 @@ impl ProxyConfig {
         } else {
             args.workers
         };
+        let ebpf = match args.ebpf.as_str() {
+            "auto" | "on" => EbpfChoice::Auto,
+            "off" => EbpfChoice::Off,
+            other => {
+                return Err(ConfigError::BadChoice {
+                    setting: "PORTCULLIS_EBPF",
+                    value: other.to_string(),
+                    allowed: "auto, off",
+                });
+            }
+        };
+        let l4_splice = match args.l4_splice.as_str() {
+            "on" | "true" => true,
+            "off" | "false" => false,
+            other => {
+                return Err(ConfigError::BadChoice {
+                    setting: "PORTCULLIS_L4_SPLICE",
+                    value: other.to_string(),
+                    allowed: "on, off",
+                });
+            }
+        };
         Ok(Self {
             https_listen,
             http_listen,
@@ -176,7 +210,31 @@ impl ProxyConfig {
             reload_interval: parse_positive("NB_PROXY_RELOAD_INTERVAL", &args.reload_interval)?,
             forwarded_proto,
             trusted_proxies,
+            custom_ports: args.supports_custom_ports,
+            max_session_idle: parse_duration(
+                "NB_PROXY_MAX_SESSION_IDLE_TIMEOUT",
+                &args.max_session_idle_timeout,
+            )?,
+            ebpf,
+            xdp_interfaces: args
+                .xdp_interfaces
+                .iter()
+                .map(|s| s.trim().to_string())
+                .filter(|s| !s.is_empty())
+                .collect(),
+            l4_splice,
         })
+    }
+}
+
+impl ProxyConfig {
+    /// A UDP session's idle timeout after NB_PROXY_MAX_SESSION_IDLE_TIMEOUT.
+    pub fn cap_session_idle(&self, wanted: Duration) -> Duration {
+        if self.max_session_idle.is_zero() {
+            wanted
+        } else {
+            wanted.min(self.max_session_idle)
+        }
     }
 }
 

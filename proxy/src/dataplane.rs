@@ -3,6 +3,7 @@
 
 pub mod inbuf;
 pub mod listener;
+pub mod pump;
 pub mod readable;
 pub mod upstream;
 
@@ -23,6 +24,9 @@ use crate::state::Shared;
 use crate::tls::{TlsServerStream, UpstreamTls};
 use listener::BoundListeners;
 use upstream::Dialer;
+
+/// The L4 ports the control side opens for one worker.
+pub type PortCommands = tokio::sync::mpsc::Receiver<crate::l4::OpenPort>;
 
 #[derive(Debug, thiserror::Error)]
 pub enum WorkerError {
@@ -77,6 +81,7 @@ pub fn pick_driver(choice: IoDriverChoice) -> &'static str {
 pub fn start(
     shared: Arc<Shared>,
     listeners: Vec<BoundListeners>,
+    port_commands: Vec<PortCommands>,
     upstream_tls: UpstreamTls,
 ) -> Result<Vec<std::thread::JoinHandle<()>>, WorkerError> {
     let driver = pick_driver(shared.config.io_driver);
@@ -84,13 +89,13 @@ pub fn start(
     let (ready_tx, ready_rx) = mpsc::channel::<Result<(), WorkerError>>();
     let mut handles = Vec::new();
     let count = listeners.len();
-    for (id, bound) in listeners.into_iter().enumerate() {
+    for (id, (bound, ports)) in listeners.into_iter().zip(port_commands).enumerate() {
         let shared = shared.clone();
         let tls = upstream_tls.clone();
         let ready = ready_tx.clone();
         let handle = std::thread::Builder::new()
             .name(format!("portcullis-worker-{id}"))
-            .spawn(move || run_worker(id, driver, shared, bound, tls, ready))
+            .spawn(move || run_worker(id, driver, shared, bound, ports, tls, ready))
             .map_err(WorkerError::Thread)?;
         handles.push(handle);
     }
@@ -110,11 +115,12 @@ fn run_worker(
     driver: &'static str,
     shared: Arc<Shared>,
     bound: BoundListeners,
+    ports: PortCommands,
     tls: UpstreamTls,
     ready: mpsc::Sender<Result<(), WorkerError>>,
 ) {
     let runtime_err = |source| WorkerError::Runtime { id, driver, source };
-    let work = move || worker_main(id, shared, bound, tls, ready.clone());
+    let work = move || worker_main(id, shared, bound, ports, tls, ready.clone());
     let result = if driver == "io_uring" {
         RuntimeBuilder::<IoUringDriver>::new()
             .enable_timer()
@@ -136,6 +142,7 @@ async fn worker_main(
     id: usize,
     shared: Arc<Shared>,
     bound: BoundListeners,
+    ports: PortCommands,
     tls: UpstreamTls,
     ready: mpsc::Sender<Result<(), WorkerError>>,
 ) {
@@ -162,6 +169,7 @@ async fn worker_main(
         routes,
     });
     let server_tls = shared.tls.clone();
+    monoio::spawn(crate::l4::serve_ports(ports, ctx.clone()));
     let _ = ready.send(Ok(()));
     tracing::debug!(worker = id, "worker running");
     let https_loop = accept_loop(https, ctx.clone(), move |tcp, peer, ctx, at| {

@@ -35,6 +35,16 @@ pub fn report(shared: &Shared) -> serde_json::Value {
             "refused": s.refused_connections.load(Ordering::Relaxed),
         },
         "mappings_file": shared.config.mappings_file.as_ref().map(|p| p.display().to_string()),
+        "ebpf": shared.ebpf_state(),
+        "l4": {
+            "ports": routes.l4.ports().iter().map(|(t, p)| format!("{p}/{t}")).collect::<Vec<_>>(),
+            "connections": s.l4.connections.load(Ordering::Relaxed),
+            "spliced": s.l4.spliced.load(Ordering::Relaxed),
+            "user_space_bytes": s.l4.user_space_bytes.load(Ordering::Relaxed),
+            "denied": s.l4.denied.load(Ordering::Relaxed),
+            "udp_sessions": s.l4.udp_sessions.load(Ordering::Relaxed),
+            "xdp": shared.xdp_counters(),
+        },
     })
 }
 

@@ -48,6 +48,16 @@ struct FileService {
     pass_host_header: bool,
     #[serde(default)]
     rewrite_redirects: bool,
+    /// http (the default), tcp, udp or tls.
+    #[serde(default)]
+    mode: Option<String>,
+    /// The port of a tcp, udp or tls service.
+    #[serde(default)]
+    listen_port: u16,
+    #[serde(default)]
+    allowed_cidrs: Vec<String>,
+    #[serde(default)]
+    blocked_cidrs: Vec<String>,
     #[serde(default, rename = "path")]
     paths: Vec<FilePath>,
 }
@@ -66,6 +76,12 @@ struct FilePath {
     path_rewrite: Option<String>,
     #[serde(default)]
     custom_headers: BTreeMap<String, String>,
+    /// L4: send a PROXY protocol v2 header to the target.
+    #[serde(default)]
+    proxy_protocol: bool,
+    /// UDP: reap a session idle this long.
+    #[serde(default)]
+    session_idle_timeout: Option<String>,
 }
 
 fn root_path() -> String {
@@ -133,6 +149,19 @@ pub fn parse_str(text: &str, origin: &str) -> Result<Vec<ProxyMapping>, Mappings
             }
             paths.push(to_path_mapping(p).map_err(invalid)?);
         }
+        let mode = svc.mode.clone().unwrap_or_else(|| "http".to_string());
+        let l4_mode = crate::routes::L4Mode::parse(&mode);
+        if l4_mode.is_none() && mode != "http" {
+            return Err(invalid(format!(
+                "mode {mode:?} must be http, tcp, udp or tls"
+            )));
+        }
+        if l4_mode.is_none() && svc.listen_port != 0 {
+            return Err(invalid(
+                "listen_port is only for tcp, udp and tls services".into(),
+            ));
+        }
+        let restricted = !svc.allowed_cidrs.is_empty() || !svc.blocked_cidrs.is_empty();
         let mapping = ProxyMapping {
             id: svc.id.clone(),
             account_id: svc.account_id.clone(),
@@ -140,25 +169,28 @@ pub fn parse_str(text: &str, origin: &str) -> Result<Vec<ProxyMapping>, Mappings
             path: paths,
             pass_host_header: svc.pass_host_header,
             rewrite_redirects: svc.rewrite_redirects,
-            mode: "http".to_string(),
+            mode,
+            listen_port: i32::from(svc.listen_port),
+            access_restrictions: restricted.then(|| proto::AccessRestrictions {
+                allowed_cidrs: svc.allowed_cidrs.clone(),
+                blocked_cidrs: svc.blocked_cidrs.clone(),
+                ..Default::default()
+            }),
             ..Default::default()
         };
         // Catch every error the route builder would raise, so a bad file never half-applies.
-        crate::routes::Service::from_mapping(&mapping).map_err(|e| invalid(e.to_string()))?;
+        match l4_mode {
+            Some(m) => crate::routes::L4Service::from_mapping(&mapping, m).map(drop),
+            None => crate::routes::Service::from_mapping(&mapping).map(drop),
+        }
+        .map_err(|e| invalid(e.to_string()))?;
         out.push(mapping);
     }
     Ok(out)
 }
 
 fn to_path_mapping(p: &FilePath) -> Result<PathMapping, String> {
-    let request_timeout = match &p.request_timeout {
-        None => None,
-        Some(s) => {
-            let d: Duration = humantime::parse_duration(s)
-                .map_err(|e| format!("request_timeout {s:?} is not a duration: {e}"))?;
-            Some(prost_types_duration(d))
-        }
-    };
+    let request_timeout = optional_duration("request_timeout", p.request_timeout.as_deref())?;
     let path_rewrite = match p.path_rewrite.as_deref() {
         None | Some("default") | Some("strip") => PathRewriteMode::PathRewriteDefault,
         Some("preserve") => PathRewriteMode::PathRewritePreserve,
@@ -168,6 +200,8 @@ fn to_path_mapping(p: &FilePath) -> Result<PathMapping, String> {
             ));
         }
     };
+    let session_idle_timeout =
+        optional_duration("session_idle_timeout", p.session_idle_timeout.as_deref())?;
     Ok(PathMapping {
         path: p.path.clone(),
         target: p.target.clone(),
@@ -176,9 +210,24 @@ fn to_path_mapping(p: &FilePath) -> Result<PathMapping, String> {
             request_timeout,
             path_rewrite: path_rewrite as i32,
             custom_headers: p.custom_headers.clone().into_iter().collect(),
+            proxy_protocol: p.proxy_protocol,
+            session_idle_timeout,
             ..Default::default()
         }),
     })
+}
+
+fn optional_duration(
+    key: &str,
+    value: Option<&str>,
+) -> Result<Option<prost_types::Duration>, String> {
+    value
+        .map(|s| {
+            humantime::parse_duration(s)
+                .map(prost_types_duration)
+                .map_err(|e| format!("{key} {s:?} is not a duration: {e}"))
+        })
+        .transpose()
 }
 
 fn prost_types_duration(d: Duration) -> prost_types::Duration {
@@ -225,6 +274,48 @@ custom_headers = { "X-Env" = "prod" }
         );
         assert_eq!(opts.request_timeout.as_ref().unwrap().seconds, 5);
         assert_eq!(opts.custom_headers["X-Env"], "prod");
+    }
+
+    #[test]
+    fn l4_services() {
+        let text = r#"
+[[service]]
+id = "db"
+domain = "db.example"
+mode = "tcp"
+listen_port = 5432
+blocked_cidrs = ["10.9.0.0/16"]
+[[service.path]]
+target = "10.0.0.5:5432"
+proxy_protocol = true
+
+[[service]]
+id = "dns"
+domain = "dns.example"
+mode = "udp"
+listen_port = 53
+[[service.path]]
+target = "10.0.0.6:53"
+session_idle_timeout = "5s"
+"#;
+        let m = parse_str(text, "f").unwrap();
+        assert_eq!(m[0].listen_port, 5432);
+        assert!(m[0].path[0].options.as_ref().unwrap().proxy_protocol);
+        assert_eq!(
+            m[0].access_restrictions.as_ref().unwrap().blocked_cidrs,
+            vec!["10.9.0.0/16"]
+        );
+        let idle = m[1].path[0].options.as_ref().unwrap();
+        assert_eq!(idle.session_idle_timeout.unwrap().seconds, 5);
+        let no_port = text.replace("listen_port = 5432\n", "");
+        assert!(parse_str(&no_port, "f").is_err());
+        let bad_mode = text.replace("\"tcp\"", "\"sctp\"");
+        assert!(
+            parse_str(&bad_mode, "f")
+                .unwrap_err()
+                .to_string()
+                .contains("sctp")
+        );
     }
 
     #[test]

@@ -3,13 +3,16 @@
 use std::sync::Arc;
 
 use crate::cli::ProxyArgs;
-use crate::config::{ConfigError, ProxyConfig};
+use crate::config::{ConfigError, EbpfChoice, ProxyConfig};
 use crate::control::management::{ManagementError, ManagementLink};
 use crate::control::sources::Sources;
 use crate::dataplane::listener::{self, ListenError};
 use crate::dataplane::{self, WorkerError};
+use crate::ebpf::FastPath;
+use crate::l4::listeners::L4Listeners;
 use crate::mappings_file::MappingsFileError;
 use crate::routes::RouteTable;
+use crate::routes::Transport;
 use crate::state::Shared;
 use crate::tls::{self, CertLoader, SniResolver, TlsSetupError, UpstreamTls};
 
@@ -46,15 +49,21 @@ pub fn run(args: &ProxyArgs) -> Result<i32, StartError> {
         );
     }
     let management = match args.token.as_deref().filter(|t| !t.is_empty()) {
-        Some(token) => Some(ManagementLink::new(
-            &args.management_address,
-            token,
-            args.allow_insecure,
-            args.domain.as_deref(),
-            proxy_id(args, &config),
-            args.not_yet.require_subdomain.as_deref() == Some("true"),
-            args.management_ca_file.as_deref(),
-        )?),
+        Some(token) => Some(
+            ManagementLink::new(
+                &args.management_address,
+                token,
+                args.allow_insecure,
+                args.domain.as_deref(),
+                proxy_id(args, &config),
+                args.not_yet.require_subdomain.as_deref() == Some("true"),
+                args.management_ca_file.as_deref(),
+            )
+            .map(|mut link| {
+                link.custom_ports = config.custom_ports;
+                link
+            })?,
+        ),
         None => None,
     };
     if config.mappings_file.is_none() && management.is_none() {
@@ -113,9 +122,17 @@ pub fn run(args: &ProxyArgs) -> Result<i32, StartError> {
         server_tls,
         max_connections,
     ));
-    let sources = Arc::new(Sources::default());
+    load_fast_path(&shared);
+    let (port_senders, port_receivers): (Vec<_>, Vec<_>) = (0..shared.config.workers)
+        .map(|_| tokio::sync::mpsc::channel(crate::l4::COMMAND_QUEUE))
+        .unzip();
+    let listeners = shared
+        .config
+        .custom_ports
+        .then(|| L4Listeners::new(shared.config.https_listen.ip(), port_senders));
+    let sources = Arc::new(Sources::new(reserved_ports(&shared.config), listeners));
     sources.set_file(file_mappings, &shared);
-    let _workers = dataplane::start(shared.clone(), bound, upstream_tls)?;
+    let _workers = dataplane::start(shared.clone(), bound, port_receivers, upstream_tls)?;
     tracing::info!(
         io_driver = shared.status.io_driver.get().copied().unwrap_or("?"),
         "proxy ready"
@@ -137,6 +154,57 @@ pub fn run(args: &ProxyArgs) -> Result<i32, StartError> {
         crate::control::run(shared, certs, health, sources, management).await
     });
     Ok(code)
+}
+
+/// Loads the kernel fast path when allowed; every reason it cannot is logged once and shown in
+/// `/healthz`, and the proxy goes on in user space.
+fn load_fast_path(shared: &Shared) {
+    let config = &shared.config;
+    let off = |reason: String| {
+        tracing::info!(%reason, "kernel fast path off; L4 traffic is filtered and copied in user space");
+        shared.set_ebpf_state(format!("off: {reason}"));
+    };
+    if config.ebpf == EbpfChoice::Off {
+        return off("switched off (PORTCULLIS_EBPF=off)".to_string());
+    }
+    if !config.custom_ports {
+        return off("custom ports are switched off".to_string());
+    }
+    if !crate::ebpf::object_built_in() {
+        return off(
+            "this binary was built without the eBPF object (cargo xtask build-ebpf)".to_string(),
+        );
+    }
+    match FastPath::load(&config.xdp_interfaces, config.l4_splice) {
+        Ok(fp) => {
+            tracing::info!(state = %fp.describe(), "kernel fast path loaded");
+            if let Some(splicer) = fp.splicer() {
+                shared.set_splicer(splicer);
+            }
+            *shared.fast_path() = Some(fp);
+        }
+        Err(e) => off(e.to_string()),
+    }
+}
+
+/// The proxy's own listen ports, which an L4 service must not share.
+fn reserved_ports(config: &ProxyConfig) -> Vec<(Transport, u16, &'static str)> {
+    let mut out = vec![(
+        Transport::Tcp,
+        config.https_listen.port(),
+        "NB_PROXY_ADDRESS",
+    )];
+    if let Some(http) = config.http_listen {
+        out.push((Transport::Tcp, http.port(), "NB_PROXY_HTTP_ADDRESS"));
+    }
+    if let Some(port) = config
+        .health_listen
+        .rsplit_once(':')
+        .and_then(|(_, p)| p.parse().ok())
+    {
+        out.push((Transport::Tcp, port, "NB_PROXY_HEALTH_ADDRESS"));
+    }
+    out
 }
 
 /// NB_PROXY_ID, else `<hostname>-<https port>`: stable across restarts, distinct for several

@@ -2,6 +2,8 @@
 //!
 //! Built by the control side from `ProxyMapping`s and published as a whole; workers only read it.
 
+pub mod access;
+pub mod l4;
 mod target;
 
 use std::collections::HashMap;
@@ -10,6 +12,8 @@ use std::time::Duration;
 
 use proto::{PathRewriteMode, ProxyMapping};
 
+use access::AccessPolicy;
+pub use l4::{L4Mode, L4Service, L4Table, Transport};
 pub use target::{Target, TargetError, TargetScheme};
 
 #[derive(Debug, thiserror::Error)]
@@ -20,8 +24,11 @@ pub enum RouteError {
     Path { path: String, message: String },
     #[error("target {target:?}: {source}")]
     Target { target: String, source: TargetError },
-    #[error("mode {0:?} is not served yet (only http)")]
+    #[error("mode {0:?} is not one of http, tcp, udp, tls")]
     UnsupportedMode(String),
+    /// An L4 service's or an access restriction's problem, in words.
+    #[error("{0}")]
+    L4(String),
     #[error("a custom header name or value is not valid in HTTP: {0:?}")]
     BadHeader(String),
 }
@@ -55,16 +62,18 @@ pub struct Service {
     pub domain: String,
     pub pass_host_header: bool,
     pub rewrite_redirects: bool,
+    pub access: AccessPolicy,
     /// Sorted longest prefix first, so the first match wins.
     pub routes: Vec<PathRoute>,
 }
 
-/// Every service a worker can route to, indexed by host.
+/// Every service a worker can route to: HTTP services by host, L4 services by port.
 #[derive(Debug, Default)]
 pub struct RouteTable {
     exact: HashMap<String, Arc<Service>>,
     /// Keyed by the part after `*.`.
     wildcard: HashMap<String, Arc<Service>>,
+    pub l4: L4Table,
 }
 
 /// Problems found while building a table; the offending services are left out.
@@ -77,16 +86,28 @@ pub struct BuildReport {
 
 impl RouteTable {
     /// Builds a table from mappings. A mapping that cannot be served is skipped and reported,
-    /// never half-applied.
-    pub fn build(mappings: &[ProxyMapping]) -> (RouteTable, BuildReport) {
+    /// never half-applied. `previous` decides L4 port conflicts in favour of the service that
+    /// already holds the port; `reserved` are the proxy's own listeners.
+    pub fn build(
+        mappings: &[ProxyMapping],
+        previous: &RouteTable,
+        reserved: &[(Transport, u16, &'static str)],
+    ) -> (RouteTable, BuildReport) {
         let mut table = RouteTable::default();
         let mut report = BuildReport::default();
+        let mut l4 = Vec::new();
         for mapping in mappings {
-            match Service::from_mapping(mapping) {
-                Ok(service) => table.insert(Arc::new(service)),
-                Err(e) => report.skipped.push((mapping.id.clone(), e)),
+            let built = match L4Mode::parse(&mapping.mode) {
+                Some(mode) => L4Service::from_mapping(mapping, mode).map(|s| l4.push(s)),
+                None => Service::from_mapping(mapping).map(|s| table.insert(Arc::new(s))),
+            };
+            if let Err(e) = built {
+                report.skipped.push((mapping.id.clone(), e));
             }
         }
+        let (l4, refused) = L4Table::build(l4, &previous.l4, reserved);
+        table.l4 = l4;
+        report.skipped.extend(refused);
         (table, report)
     }
 
@@ -98,7 +119,7 @@ impl RouteTable {
     }
 
     pub fn len(&self) -> usize {
-        self.exact.len() + self.wildcard.len()
+        self.exact.len() + self.wildcard.len() + self.l4.len()
     }
 
     pub fn is_empty(&self) -> bool {
@@ -170,6 +191,8 @@ impl Service {
             domain,
             pass_host_header: m.pass_host_header,
             rewrite_redirects: m.rewrite_redirects,
+            access: AccessPolicy::from_restrictions(m.access_restrictions.as_ref())
+                .map_err(|e| RouteError::L4(e.to_string()))?,
             routes,
         })
     }
@@ -253,10 +276,14 @@ mod tests {
 
     #[test]
     fn exact_host_beats_wildcard() {
-        let (t, r) = RouteTable::build(&[
-            mapping("*.example.com", &[("/", "http://10.0.0.1:80")]),
-            mapping("a.example.com", &[("/", "http://10.0.0.2:80")]),
-        ]);
+        let (t, r) = RouteTable::build(
+            &[
+                mapping("*.example.com", &[("/", "http://10.0.0.1:80")]),
+                mapping("a.example.com", &[("/", "http://10.0.0.2:80")]),
+            ],
+            &RouteTable::default(),
+            &[],
+        );
         assert!(r.skipped.is_empty());
         assert_eq!(t.service("a.example.com").unwrap().domain, "a.example.com");
         assert_eq!(t.service("b.example.com").unwrap().domain, "*.example.com");
@@ -284,11 +311,15 @@ mod tests {
 
     #[test]
     fn bad_mappings_are_skipped_and_reported() {
-        let (t, r) = RouteTable::build(&[
-            mapping("ok.example", &[("/", "http://h:1")]),
-            mapping("bad domain", &[("/", "http://h:1")]),
-            mapping("bad-target.example", &[("/", "gopher://h")]),
-        ]);
+        let (t, r) = RouteTable::build(
+            &[
+                mapping("ok.example", &[("/", "http://h:1")]),
+                mapping("bad domain", &[("/", "http://h:1")]),
+                mapping("bad-target.example", &[("/", "gopher://h")]),
+            ],
+            &RouteTable::default(),
+            &[],
+        );
         assert_eq!(t.len(), 1);
         assert_eq!(r.skipped.len(), 2);
     }

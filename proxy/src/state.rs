@@ -8,6 +8,7 @@ use arc_swap::ArcSwap;
 use tokio::sync::watch;
 
 use crate::config::ProxyConfig;
+use crate::ebpf::{FastPath, Splicer};
 use crate::routes::RouteTable;
 use crate::tls::SniResolver;
 
@@ -20,6 +21,12 @@ pub struct Shared {
     drain_tx: watch::Sender<bool>,
     /// Most client connections at once.
     pub max_connections: usize,
+    /// Set once at start when the kernel fast path loaded with its splice programs.
+    splicer: OnceLock<Splicer>,
+    /// Why the kernel fast path is off, while it is.
+    ebpf_state: std::sync::Mutex<String>,
+    /// The loaded kernel fast path; used by the control thread only.
+    pub fast_path: std::sync::Mutex<Option<FastPath>>,
 }
 
 /// Counters and flags for health reporting.
@@ -32,6 +39,21 @@ pub struct Status {
     pub initial_sync_complete: AtomicBool,
     pub io_driver: OnceLock<&'static str>,
     pub table_generation: AtomicU64,
+    pub l4: L4Stats,
+}
+
+/// L4 counters, summed over workers.
+#[derive(Default)]
+pub struct L4Stats {
+    /// TCP connections forwarded to a target.
+    pub connections: AtomicU64,
+    /// Of those, the ones the kernel splices.
+    pub spliced: AtomicU64,
+    /// Bytes copied through user space (zero for a spliced stream).
+    pub user_space_bytes: AtomicU64,
+    /// Connections and sessions refused by access restrictions in user space.
+    pub denied: AtomicU64,
+    pub udp_sessions: AtomicUsize,
 }
 
 impl Shared {
@@ -51,11 +73,76 @@ impl Shared {
             status: Status::default(),
             drain_tx,
             max_connections,
+            splicer: OnceLock::new(),
+            ebpf_state: std::sync::Mutex::new("off: not loaded".to_string()),
+            fast_path: std::sync::Mutex::new(None),
+        }
+    }
+
+    pub fn splicer(&self) -> Option<&Splicer> {
+        self.splicer.get()
+    }
+
+    /// Only before the workers start.
+    pub fn set_splicer(&self, splicer: Splicer) {
+        let _ = self.splicer.set(splicer);
+    }
+
+    pub fn set_ebpf_state(&self, state: String) {
+        *self.ebpf_state.lock().unwrap_or_else(|p| p.into_inner()) = state;
+    }
+
+    /// `on: …` with what is attached, or `off: <reason>`.
+    pub fn ebpf_state(&self) -> String {
+        if let Some(fp) = self.fast_path().as_ref() {
+            return fp.describe();
+        }
+        self.ebpf_state
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    pub fn fast_path(&self) -> std::sync::MutexGuard<'_, Option<FastPath>> {
+        self.fast_path.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The XDP per-port counters, keyed `port/transport`.
+    pub fn xdp_counters(&self) -> serde_json::Value {
+        let guard = self.fast_path();
+        let Some(fp) = guard.as_ref() else {
+            return serde_json::Value::Null;
+        };
+        match fp.counters() {
+            Ok(list) => list
+                .iter()
+                .map(|c| {
+                    let proto = match c.protocol {
+                        crate::ebpf::L4Protocol::Tcp => "tcp",
+                        crate::ebpf::L4Protocol::Udp => "udp",
+                    };
+                    (
+                        format!("{}/{proto}", c.port),
+                        serde_json::json!({
+                            "passed_packets": c.passed_packets,
+                            "passed_bytes": c.passed_bytes,
+                            "dropped_packets": c.dropped_packets,
+                            "dropped_bytes": c.dropped_bytes,
+                        }),
+                    )
+                })
+                .collect::<serde_json::Map<_, _>>()
+                .into(),
+            Err(e) => serde_json::Value::String(format!("unreadable: {e}")),
         }
     }
 
     pub fn publish_routes(&self, table: RouteTable) {
-        self.routes.store(Arc::new(table));
+        self.publish_routes_arc(Arc::new(table));
+    }
+
+    pub fn publish_routes_arc(&self, table: Arc<RouteTable>) {
+        self.routes.store(table);
         self.status.table_generation.fetch_add(1, Ordering::Relaxed);
     }
 

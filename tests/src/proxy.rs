@@ -81,6 +81,9 @@ pub struct ProxyOptions {
     pub env: Vec<(String, String)>,
     pub workers: usize,
     pub http_listener: bool,
+    /// Run inside this network namespace, listening on `listen_ip`.
+    pub netns: Option<String>,
+    pub listen_ip: String,
 }
 
 impl ProxyOptions {
@@ -91,6 +94,8 @@ impl ProxyOptions {
             env: Vec::new(),
             workers: 2,
             http_listener: false,
+            netns: None,
+            listen_ip: "127.0.0.1".into(),
         }
     }
 
@@ -110,6 +115,7 @@ pub struct Proxy {
     pub http_port: u16,
     pub health_port: u16,
     pub log: PathBuf,
+    netns: Option<String>,
 }
 
 impl Proxy {
@@ -126,10 +132,21 @@ impl Proxy {
         let http_port = free_port();
         let health_port = free_port();
         let log = dir.0.join("proxy.log");
-        let mut cmd = Command::new(binary());
+        let mut cmd = match &opts.netns {
+            None => Command::new(binary()),
+            Some(ns) => {
+                // `ip netns exec` execs the proxy, so the PID stays the proxy's.
+                let mut c = Command::new("ip");
+                c.args(["netns", "exec", ns]).arg(binary());
+                c
+            }
+        };
         cmd.arg("proxy")
             .env_remove("NB_PROXY_TOKEN")
-            .env("NB_PROXY_ADDRESS", format!("127.0.0.1:{https_port}"))
+            .env(
+                "NB_PROXY_ADDRESS",
+                format!("{}:{https_port}", opts.listen_ip),
+            )
             .env(
                 "NB_PROXY_HTTP_ADDRESS",
                 if opts.http_listener {
@@ -160,6 +177,7 @@ impl Proxy {
             http_port,
             health_port,
             log,
+            netns: opts.netns.clone(),
         };
         proxy.wait_healthy();
         proxy
@@ -196,7 +214,11 @@ impl Proxy {
     }
 
     pub fn try_health(&self) -> Option<serde_json::Value> {
-        let body = crate::client::plain_get(("127.0.0.1", self.health_port), "/healthz").ok()?;
+        let port = self.health_port;
+        let body = crate::netns::run_in(self.netns.clone(), move || {
+            crate::client::plain_get(("127.0.0.1", port), "/healthz")
+        })
+        .ok()?;
         serde_json::from_slice(&body).ok()
     }
 

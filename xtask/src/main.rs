@@ -5,6 +5,7 @@
 //! - `fuzz [SECONDS]`: runs each fuzz target for a while (installs cargo-fuzz on first use).
 //! - `bench [--quick] [ARGS]`: installs nginx, HAProxy and wrk and runs the benchmark harness.
 //! - `up`: builds and runs `portcullis up`.
+//! - `setup-ebpf`, `build-ebpf`: the eBPF toolchain, and the kernel fast path's object.
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, ExitCode};
@@ -12,6 +13,7 @@ use std::time::Instant;
 
 use anyhow::{Context, Result, bail};
 
+mod ebpf;
 mod postgres;
 
 /// Debian packages the test tiers use: (package, a program it installs).
@@ -26,6 +28,15 @@ const BENCH_APT_PACKAGES: &[(&str, &str)] = &[
     ("haproxy", "haproxy"),
     ("wrk", "wrk"),
     ("util-linux", "taskset"),
+    // The L4 workloads: iperf3 (target and load), nginx's stream module (probed by its path:
+    // `command -v` finds a file by path), the namespaces and nftables of the drop workload.
+    ("iperf3", "iperf3"),
+    (
+        "libnginx-mod-stream",
+        "/usr/lib/nginx/modules/ngx_stream_module.so",
+    ),
+    ("iproute2", "ip"),
+    ("nftables", "nft"),
 ];
 
 fn main() -> ExitCode {
@@ -35,6 +46,8 @@ fn main() -> ExitCode {
         Some("fuzz") => fuzz(&args[1..]),
         Some("bench") => bench(&args[1..]),
         Some("up") => up(&args[1..]),
+        Some("setup-ebpf") => ebpf::setup(),
+        Some("build-ebpf") => ebpf::build(),
         _ => {
             eprintln!(
                 "usage: cargo xtask <command>\n\n\
@@ -42,7 +55,9 @@ fn main() -> ExitCode {
                  test [--skip-lint]   install test dependencies, check fmt + clippy, build, run all tests\n  \
                  fuzz [SECONDS]       run every fuzz target for SECONDS each (default 60; needs nightly)\n  \
                  bench [--quick] [ARGS]  benchmark against nginx and HAProxy (`bench --help` for ARGS)\n  \
-                 up [ARGS]            build in release and run `portcullis up`"
+                 up [ARGS]            build in release and run `portcullis up`\n  \
+                 setup-ebpf           install the eBPF toolchain (rust-src, LLVM 22, bpf-linker)\n  \
+                 build-ebpf           build the eBPF object the proxy embeds"
             );
             return ExitCode::from(2);
         }
@@ -150,6 +165,10 @@ fn test(args: &[String]) -> Result<()> {
     let skip_lint = args.iter().any(|a| a == "--skip-lint");
     let started = Instant::now();
     ensure_apt(APT_PACKAGES)?;
+    // Before anything builds the proxy: `proxy/build.rs` embeds the object only if it exists,
+    // and clippy should see the code that uses it.
+    ebpf::setup()?;
+    ebpf::build()?;
     if !skip_lint {
         run(
             "cargo fmt --check",

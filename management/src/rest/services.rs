@@ -76,6 +76,45 @@ async fn prepare(
     Ok((valid, cluster))
 }
 
+/// Refuses a custom port another enabled service of the cluster already uses (TLS services
+/// may share a port: the proxy tells them apart by SNI).
+async fn check_port(
+    st: &AppState,
+    valid: &model::ValidService,
+    cluster: &str,
+    own_id: Option<&str>,
+) -> ApiResult<()> {
+    let spec = &valid.spec;
+    let Some(transport) = model::transport_of(&spec.mode) else {
+        return Ok(());
+    };
+    if !valid.enabled {
+        return Ok(());
+    }
+    for other in st.store.services_for_cluster(cluster, None).await? {
+        if Some(other.id.as_str()) == own_id {
+            continue;
+        }
+        let Ok(theirs) = model::spec_of(&other) else {
+            continue;
+        };
+        let both_tls = spec.mode == "tls" && theirs.mode == "tls";
+        if theirs.listen_port == spec.listen_port
+            && model::transport_of(&theirs.mode) == Some(transport)
+            && !both_tls
+        {
+            return Err(ApiError::new(
+                StatusCode::CONFLICT,
+                format!(
+                    "port {}/{transport} of cluster {cluster} is already used by another service",
+                    spec.listen_port
+                ),
+            ));
+        }
+    }
+    Ok(())
+}
+
 pub async fn create(
     State(st): State<AppState>,
     caller: Caller,
@@ -83,6 +122,7 @@ pub async fn create(
 ) -> ApiResult<Json<serde_json::Value>> {
     caller.require_admin()?;
     let (valid, cluster) = prepare(&st, caller.account(), req).await?;
+    check_port(&st, &valid, &cluster, None).await?;
     let t = now();
     let record = ServiceRecord {
         id: secrets::new_id(),
@@ -124,6 +164,7 @@ pub async fn update(
         .await?
         .ok_or_else(|| ApiError::not_found("service"))?;
     let (valid, cluster) = prepare(&st, caller.account(), req).await?;
+    check_port(&st, &valid, &cluster, Some(&old.id)).await?;
     let mut new = old.clone();
     new.name = valid.name;
     new.domain = valid.domain;

@@ -48,6 +48,8 @@ pub struct ManagementLink {
     pub domain: String,
     pub proxy_id: String,
     pub require_subdomain: bool,
+    /// Reported to management as `supports_custom_ports`.
+    pub custom_ports: bool,
 }
 
 impl ManagementLink {
@@ -101,6 +103,7 @@ impl ManagementLink {
             domain,
             proxy_id,
             require_subdomain,
+            custom_ports: true,
         })
     }
 
@@ -113,8 +116,7 @@ impl ManagementLink {
 
     fn capabilities(&self) -> ProxyCapabilities {
         ProxyCapabilities {
-            // Custom TCP/UDP ports are not served yet: claim nothing we cannot do.
-            supports_custom_ports: Some(false),
+            supports_custom_ports: Some(self.custom_ports),
             require_subdomain: Some(self.require_subdomain),
             supports_crowdsec: Some(false),
             private: Some(false),
@@ -345,6 +347,10 @@ impl Applier {
             .map(|m| {
                 let (status, message, issued) = match skipped.get(&m.id) {
                     Some(err) => (proto::ProxyStatus::Error, Some(err.clone()), false),
+                    // L4 services carry their clients' TLS, if any: no certificate here.
+                    None if crate::routes::L4Mode::parse(&m.mode).is_some() => {
+                        (proto::ProxyStatus::Active, None, false)
+                    }
                     None if certs.find(&m.domain).is_some() => {
                         (proto::ProxyStatus::Active, None, true)
                     }

@@ -1,26 +1,45 @@
 //! Where services come from: the mappings file and management. The table the workers serve is
-//! always built from both, whole, and swapped in at once.
+//! always built from both, whole, and swapped in at once; the L4 listen ports and the kernel
+//! fast path's maps follow each new table.
 
 use std::collections::HashMap;
 use std::sync::Mutex;
 
 use proto::ProxyMapping;
 
-use crate::routes::RouteTable;
+use crate::ebpf::{L4Protocol, PortPolicySpec};
+use crate::l4::listeners::L4Listeners;
+use crate::routes::{L4Table, RouteTable, Transport};
 use crate::state::Shared;
 
-#[derive(Default)]
 pub struct Sources {
     inner: Mutex<Inner>,
 }
 
-#[derive(Default)]
 struct Inner {
     file: Vec<ProxyMapping>,
     management: Vec<ProxyMapping>,
+    /// The proxy's own listeners, which no L4 service may take.
+    reserved: Vec<(Transport, u16, &'static str)>,
+    /// None when custom ports are switched off.
+    listeners: Option<L4Listeners>,
 }
 
 impl Sources {
+    pub fn new(
+        reserved: Vec<(Transport, u16, &'static str)>,
+        listeners: Option<L4Listeners>,
+    ) -> Self {
+        Self {
+            inner: Mutex::new(Inner {
+                file: Vec::new(),
+                management: Vec::new(),
+                reserved,
+                listeners,
+            }),
+        }
+    }
+
     pub fn set_file(
         &self,
         mappings: Vec<ProxyMapping>,
@@ -28,7 +47,7 @@ impl Sources {
     ) -> HashMap<String, String> {
         let mut inner = self.inner.lock().unwrap_or_else(|p| p.into_inner());
         inner.file = mappings;
-        publish(&inner, shared)
+        publish(&mut inner, shared)
     }
 
     /// Replaces management's services; returns the ids that could not be served, with why.
@@ -39,24 +58,87 @@ impl Sources {
     ) -> HashMap<String, String> {
         let mut inner = self.inner.lock().unwrap_or_else(|p| p.into_inner());
         inner.management = mappings;
-        publish(&inner, shared)
+        publish(&mut inner, shared)
     }
 }
 
-fn publish(inner: &Inner, shared: &Shared) -> HashMap<String, String> {
+fn publish(inner: &mut Inner, shared: &Shared) -> HashMap<String, String> {
     // Management's services come last, so they win over a file service with the same domain.
     let all: Vec<ProxyMapping> = inner
         .file
         .iter()
         .chain(inner.management.iter())
+        .filter(|m| inner.listeners.is_some() || crate::routes::L4Mode::parse(&m.mode).is_none())
         .cloned()
         .collect();
-    let (table, report) = RouteTable::build(&all);
+    let previous = shared.routes.load_full();
+    let (table, report) = RouteTable::build(&all, &previous, &inner.reserved);
     let mut skipped = HashMap::new();
     for (id, err) in report.skipped {
-        tracing::error!(service = %id, error = %err, "service not served");
         skipped.insert(id, err.to_string());
     }
-    shared.publish_routes(table);
+    if inner.listeners.is_none() {
+        for m in inner.file.iter().chain(inner.management.iter()) {
+            if crate::routes::L4Mode::parse(&m.mode).is_some() {
+                skipped.insert(
+                    m.id.clone(),
+                    "custom ports are switched off (NB_PROXY_SUPPORTS_CUSTOM_PORTS=false)"
+                        .to_string(),
+                );
+            }
+        }
+    }
+    update_fast_path(shared, &table.l4);
+    // The table goes out before new ports open, so a port's first connection finds its service.
+    let l4 = std::sync::Arc::new(table);
+    shared.publish_routes_arc(l4.clone());
+    skipped.extend(sync_ports(inner, &l4.l4));
+    for (id, err) in &skipped {
+        tracing::error!(service = %id, error = %err, "service not served");
+    }
     skipped
+}
+
+/// Opens and closes listen ports to match the table; returns the services whose port failed.
+fn sync_ports(inner: &mut Inner, l4: &L4Table) -> HashMap<String, String> {
+    let Some(listeners) = inner.listeners.as_mut() else {
+        return HashMap::new();
+    };
+    let failed = listeners.sync(&l4.ports());
+    let mut skipped = HashMap::new();
+    for ((transport, port), reason) in failed {
+        for s in l4.services_on(transport, port) {
+            skipped.insert(s.id.clone(), reason.clone());
+        }
+    }
+    skipped
+}
+
+fn update_fast_path(shared: &Shared, l4: &L4Table) {
+    let mut guard = shared.fast_path();
+    let Some(fp) = guard.as_mut() else {
+        return;
+    };
+    let mut specs = Vec::new();
+    for (transport, port) in l4.ports() {
+        let services = l4.services_on(transport, port);
+        // Several TLS services share a port; the kernel can only drop what every one of them
+        // refuses, so only a port with one service gets its restrictions in XDP.
+        let (allowed, blocked) = match services.as_slice() {
+            [one] => (one.access.allowed.clone(), one.access.blocked.clone()),
+            _ => (Vec::new(), Vec::new()),
+        };
+        specs.push(PortPolicySpec {
+            port,
+            protocol: match transport {
+                Transport::Tcp => L4Protocol::Tcp,
+                Transport::Udp => L4Protocol::Udp,
+            },
+            allowed,
+            blocked,
+        });
+    }
+    if let Err(e) = fp.set_ports(&specs) {
+        tracing::error!(error = %e, "kernel fast path maps not updated; user space still filters");
+    }
 }

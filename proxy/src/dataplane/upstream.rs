@@ -147,6 +147,17 @@ impl Dialer {
 
     /// Names are resolved with the system resolver and cached; mesh targets are IP literals and
     /// never get here.
+    /// The address of an L4 target, resolved like an HTTP target's.
+    pub fn resolve_l4(
+        &self,
+        target: &crate::routes::l4::L4Target,
+    ) -> Result<SocketAddr, DialError> {
+        match target.addr {
+            Some(a) => Ok(a),
+            None => self.resolve(&target.host, target.port),
+        }
+    }
+
     fn resolve(&self, host: &str, port: u16) -> Result<SocketAddr, DialError> {
         let now = Instant::now();
         let cache_key = (host.to_string(), port);

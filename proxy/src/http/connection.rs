@@ -7,7 +7,7 @@
 use std::net::SocketAddr;
 use std::rc::Rc;
 
-use monoio::io::{AsyncReadRent, AsyncWriteRent, AsyncWriteRentExt, Splitable};
+use monoio::io::{AsyncReadRent, AsyncWriteRent, Splitable};
 use monoio::time::Instant;
 
 use super::exchange::{Next, exchange};
@@ -15,6 +15,7 @@ use super::head::{HeadError, RequestHead, ResponseHead};
 use super::responses::{self, ProxyStatus};
 use crate::dataplane::WorkerCtx;
 use crate::dataplane::inbuf::{FIRST_READ, InBuf, MIN_READ, write_vec};
+use crate::dataplane::pump::pump;
 use crate::dataplane::readable::WaitReadable;
 use crate::dataplane::upstream::UpstreamStream;
 
@@ -225,33 +226,12 @@ async fn tunnel<S>(
     let (mut cr, mut cw) = client.into_split();
     let (mut ur, mut uw) = upstream.into_split();
     let up = async move {
-        pump(&mut cr, &mut uw, client_pending).await;
+        pump(&mut cr, &mut uw, client_pending, None).await;
         let _ = uw.shutdown().await;
     };
     let down = async move {
-        pump(&mut ur, &mut cw, upstream_pending).await;
+        pump(&mut ur, &mut cw, upstream_pending, None).await;
         let _ = cw.shutdown().await;
     };
     monoio::join!(up, down);
-}
-
-async fn pump<R: AsyncReadRent, W: AsyncWriteRent>(src: &mut R, dst: &mut W, pending: Vec<u8>) {
-    if !pending.is_empty() && dst.write_all(pending).await.0.is_err() {
-        return;
-    }
-    let mut buf = Vec::with_capacity(16 * 1024);
-    loop {
-        let (res, b) = src.read(buf).await;
-        buf = b;
-        match res {
-            Ok(0) | Err(_) => return,
-            Ok(_) => {}
-        }
-        let (res, b) = dst.write_all(buf).await;
-        buf = b;
-        if res.is_err() {
-            return;
-        }
-        buf.clear();
-    }
 }

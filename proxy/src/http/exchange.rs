@@ -50,6 +50,9 @@ pub async fn exchange<S: AsyncReadRent + AsyncWriteRent>(
     if head.method() == b"CONNECT" {
         return answer(client, conn, ProxyStatus::MethodNotAllowed).await;
     }
+    if !service.access.permits(peer.ip()) {
+        return answer(client, conn, ProxyStatus::Forbidden).await;
+    }
     tracing::trace!(service = %service.id, path = head.path(), "routing request");
 
     match forward(client, conn, peer, ctx, &service, route).await {

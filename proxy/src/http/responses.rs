@@ -6,6 +6,7 @@ use std::io::Write;
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ProxyStatus {
     BadRequest,
+    Forbidden,
     NotFound,
     RequestTimeout,
     HeadersTooLarge,
@@ -19,6 +20,7 @@ impl ProxyStatus {
     pub fn code(self) -> u16 {
         match self {
             Self::BadRequest => 400,
+            Self::Forbidden => 403,
             Self::NotFound => 404,
             Self::MethodNotAllowed => 405,
             Self::RequestTimeout => 408,
@@ -33,6 +35,7 @@ impl ProxyStatus {
         match self {
             Self::BadRequest => "Bad Request",
             Self::NotFound => "Not Found",
+            Self::Forbidden => "Forbidden",
             Self::MethodNotAllowed => "Method Not Allowed",
             Self::RequestTimeout => "Request Timeout",
             Self::HeadersTooLarge => "Request Header Fields Too Large",
@@ -45,6 +48,7 @@ impl ProxyStatus {
     fn explanation(self) -> &'static str {
         match self {
             Self::BadRequest => "The request could not be understood.",
+            Self::Forbidden => "This service does not accept requests from your address.",
             Self::NotFound => "No service is published at this address.",
             Self::MethodNotAllowed => "This method is not supported here.",
             Self::RequestTimeout => "The request took too long to arrive.",

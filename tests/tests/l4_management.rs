@@ -1,0 +1,119 @@
+//! L4 services created through management's REST API reach a proxy, which opens their ports;
+//! a port held by another program is reported back with SendStatusUpdate (`error` and why)
+//! while the other services keep working. Runs on loopback with the real management (SQLite).
+
+use std::time::{Duration, Instant};
+
+use serde_json::{Value, json};
+use tests::l4_client::{echo_round_trip, tcp_from};
+use tests::l4_targets::Target;
+use tests::management::{Management, StoreKind, TestStore};
+use tests::proxy::{Proxy, ProxyOptions, TestDir, free_port};
+
+fn l4_body(name: &str, mode: &str, port: u16, target_port: u16) -> Value {
+    json!({
+        "name": name,
+        "domain": format!("{name}.l4m.test"),
+        "mode": mode,
+        "listen_port": port,
+        "targets": [{"target_type": "host", "protocol": "tcp", "host": "127.0.0.1",
+                     "port": target_port}],
+    })
+}
+
+/// Polls the service until its status is no longer pending; returns it.
+fn settled(api: &tests::management::Api, id: &str) -> Value {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let v = api.ok("GET", &format!("/api/reverse-proxies/services/{id}"), None);
+        if v["meta"]["status"] != "pending" {
+            return v;
+        }
+        assert!(Instant::now() < deadline, "status stayed pending: {v}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+#[test]
+fn l4_services_from_management_and_a_held_port_reported() {
+    let dir = TestDir::new("l4m");
+    let store = TestStore::new(StoreKind::Sqlite, &dir).expect("sqlite store");
+    let m = Management::start(&dir, &store.url, "1s");
+    let (_, pat) = m.bootstrap("l4@example.test");
+    let api = m.api(&pat);
+    let (_, token) = api.create_proxy_token("l4-proxy");
+    let proxy = Proxy::start(
+        ProxyOptions::new("")
+            .env("NB_PROXY_MANAGEMENT_ADDRESS", &m.grpc_url())
+            .env("NB_PROXY_TOKEN", &token)
+            .env("NB_PROXY_ALLOW_INSECURE", "true")
+            .env("NB_PROXY_DOMAIN", "l4m.test"),
+    );
+    proxy.wait_health("initial sync", |h| h["initial_sync_complete"] == true);
+    let clusters = api.ok("GET", "/api/reverse-proxies/clusters", None);
+    assert!(
+        clusters
+            .as_array()
+            .is_some_and(|all| all.iter().any(|c| c["supports_custom_ports"] == true)),
+        "the proxy reports custom-port support: {clusters}"
+    );
+
+    let echo = Target::tcp_echo(false);
+    let (good_port, held_port) = (free_port(), free_port());
+    let good = api.ok(
+        "POST",
+        "/api/reverse-proxies/services",
+        Some(&l4_body("good", "tcp", good_port, echo.addr.port())),
+    );
+    let good = settled(&api, good["id"].as_str().unwrap());
+    assert_eq!(good["meta"]["status"], "active", "{good}");
+    let dst = format!("127.0.0.1:{good_port}").parse().unwrap();
+    let (a, b, n) = echo_round_trip(
+        tcp_from("127.0.0.1".parse().unwrap(), dst, Duration::from_secs(3)).expect("connect"),
+        256 * 1024,
+    );
+    assert_eq!((a, n), (b, 256 * 1024));
+
+    let _held = std::net::TcpListener::bind(("127.0.0.1", held_port)).expect("hold a port");
+    let bad = api.ok(
+        "POST",
+        "/api/reverse-proxies/services",
+        Some(&l4_body("held", "tcp", held_port, echo.addr.port())),
+    );
+    let bad = settled(&api, bad["id"].as_str().unwrap());
+    assert_eq!(bad["meta"]["status"], "error", "{bad}");
+    assert!(
+        bad["meta"]["status_message"]
+            .as_str()
+            .is_some_and(|m| m.contains("in use")),
+        "the reason reaches management: {bad}"
+    );
+    let (a, b, _) = echo_round_trip(
+        tcp_from("127.0.0.1".parse().unwrap(), dst, Duration::from_secs(3)).expect("connect"),
+        64 * 1024,
+    );
+    assert_eq!(a, b, "the other service is untouched");
+
+    // Management itself refuses a second service on a port of the same cluster, and bad shapes.
+    let (status, v) = api.call(
+        "POST",
+        "/api/reverse-proxies/services",
+        Some(&l4_body("dup", "tcp", good_port, echo.addr.port())),
+    );
+    assert_eq!(status, 409, "{v}");
+    let mut http_target = l4_body("proto", "tcp", free_port(), 80);
+    http_target["targets"][0]["protocol"] = json!("http");
+    assert_eq!(
+        api.call("POST", "/api/reverse-proxies/services", Some(&http_target))
+            .0,
+        422
+    );
+    let mut no_port = l4_body("noport", "udp", 0, 53);
+    no_port["targets"][0]["protocol"] = json!("udp");
+    assert_eq!(
+        api.call("POST", "/api/reverse-proxies/services", Some(&no_port))
+            .0,
+        422
+    );
+    drop(proxy);
+}
