@@ -204,7 +204,7 @@ fn accounts_clusters_and_isolation_on(kind: StoreKind) {
     let acl = ca.iter().find(|c| c["address"] == "acl.test").expect("acl");
     assert_eq!(acl["online"], true);
     assert_eq!(acl["connected_proxies"], 1);
-    assert_eq!(acl["features"]["supports_custom_ports"], false);
+    assert_eq!(acl["features"]["supports_custom_ports"], true);
     let bcl = cb.iter().find(|c| c["address"] == "bcl.test").expect("bcl");
     assert_eq!(bcl["connected_proxies"], 2);
 
