@@ -11,7 +11,7 @@ fuzz_target!(|data: &[u8]| {
         return;
     };
     if let Ok(mappings) = parse_str(text, "fuzz") {
-        let (table, report) = RouteTable::build(&mappings);
+        let (table, report) = RouteTable::build(&mappings, &RouteTable::default(), &[]);
         assert!(report.skipped.is_empty(), "a validated file must build cleanly");
         assert_eq!(table.len(), mappings.len());
     }

@@ -186,6 +186,23 @@ pub fn parse_str(text: &str, origin: &str) -> Result<Vec<ProxyMapping>, Mappings
         .map_err(|e| invalid(e.to_string()))?;
         out.push(mapping);
     }
+    // Two L4 services on one port: the file is wrong, so say so now rather than refuse one
+    // service at run time.
+    let l4: Vec<crate::routes::L4Service> = out
+        .iter()
+        .filter_map(|m| {
+            let mode = crate::routes::L4Mode::parse(&m.mode)?;
+            crate::routes::L4Service::from_mapping(m, mode).ok()
+        })
+        .collect();
+    let (_, refused) = crate::routes::L4Table::build(l4, &Default::default(), &[]);
+    if let Some((service, e)) = refused.into_iter().next() {
+        return Err(MappingsFileError::Invalid {
+            path: origin.to_string(),
+            service,
+            message: e.to_string(),
+        });
+    }
     Ok(out)
 }
 
@@ -309,6 +326,14 @@ session_idle_timeout = "5s"
         assert_eq!(idle.session_idle_timeout.unwrap().seconds, 5);
         let no_port = text.replace("listen_port = 5432\n", "");
         assert!(parse_str(&no_port, "f").is_err());
+        let same_port = text.replace("listen_port = 53\n", "listen_port = 5432\n");
+        assert!(
+            parse_str(&same_port, "f").is_ok(),
+            "tcp and udp may share a number"
+        );
+        let clash = same_port.replace("\"udp\"", "\"tcp\"");
+        let e = parse_str(&clash, "f").unwrap_err().to_string();
+        assert!(e.contains("already used"), "{e}");
         let bad_mode = text.replace("\"tcp\"", "\"sctp\"");
         assert!(
             parse_str(&bad_mode, "f")
