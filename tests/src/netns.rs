@@ -32,7 +32,8 @@ pub fn is_root() -> bool {
     nix::unistd::geteuid().is_root()
 }
 
-fn ip(args: &[&str]) -> Result<(), String> {
+/// Runs `ip` with `args`; the error names the command and what `ip` said.
+pub fn ip(args: &[&str]) -> Result<(), String> {
     let out = Command::new("ip")
         .args(args)
         .output()
@@ -141,18 +142,6 @@ impl Net {
     /// The proxy's interface (the one XDP attaches to), when namespaced.
     pub fn proxy_interface(&self) -> Option<&str> {
         self.names.as_ref().map(|n| n.proxy_if.as_str())
-    }
-
-    /// A command that runs `program` in the proxy's namespace.
-    pub fn proxy_command(&self, program: &std::path::Path) -> Command {
-        match &self.names {
-            None => Command::new(program),
-            Some(n) => {
-                let mut c = Command::new("ip");
-                c.args(["netns", "exec", &n.proxy_ns]).arg(program);
-                c
-            }
-        }
     }
 
     /// Runs `f` on a thread inside the proxy's namespace: sockets it creates stay there.

@@ -6,7 +6,6 @@
 //! network namespaces joined by a veth pair, deleted when the test ends (also when it fails),
 //! and all traffic stays inside them.
 
-use std::fs::File;
 use std::io::{self, Read, Write};
 use std::net::{IpAddr, Shutdown, SocketAddr, TcpListener, TcpStream, UdpSocket};
 use std::os::fd::AsFd;
@@ -166,28 +165,12 @@ impl Drop for Net {
 }
 
 fn ip(args: &[&str]) {
-    let out = Command::new("ip").args(args).output().expect("run ip");
-    assert!(
-        out.status.success(),
-        "ip {}: {}",
-        args.join(" "),
-        String::from_utf8_lossy(&out.stderr).trim()
-    );
+    tests::netns::ip(args).unwrap_or_else(|e| panic!("{e}"));
 }
 
 /// Runs `f` on a thread that entered namespace `ns`; sockets it creates stay in `ns`.
-fn spawn_in<T: Send + 'static>(ns: &str, f: impl FnOnce() -> T + Send + 'static) -> JoinHandle<T> {
-    let path = format!("/run/netns/{ns}");
-    thread::spawn(move || {
-        let file = File::open(&path).unwrap_or_else(|e| panic!("open {path}: {e}"));
-        nix::sched::setns(file.as_fd(), nix::sched::CloneFlags::CLONE_NEWNET)
-            .unwrap_or_else(|e| panic!("setns {path}: {e}"));
-        f()
-    })
-}
-
 fn run_in<T: Send + 'static>(ns: &str, f: impl FnOnce() -> T + Send + 'static) -> T {
-    join(spawn_in(ns, f))
+    tests::netns::run_in(Some(ns.to_string()), f)
 }
 
 /// Loads the fast path on a thread (inside `ns`, if given) whose effective capabilities are
@@ -202,10 +185,7 @@ fn load(ns: Option<&str>, interfaces: &[&str], splice: bool) -> Result<FastPath,
         caps::set(None, caps::CapSet::Effective, &only).expect("drop capabilities");
         FastPath::load(&interfaces, splice)
     };
-    match ns {
-        Some(ns) => run_in(ns, least_privileged),
-        None => join(thread::spawn(least_privileged)),
-    }
+    tests::netns::run_in(ns.map(str::to_string), least_privileged)
 }
 
 fn join<T>(handle: JoinHandle<T>) -> T {
