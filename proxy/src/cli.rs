@@ -255,7 +255,72 @@ pub struct ProxyArgs {
     pub log_format: String,
 
     #[command(flatten)]
+    pub acme: AcmeArgs,
+
+    #[command(flatten)]
     pub not_yet: NotYetSupported,
+}
+
+/// Automatic certificates over ACME.
+#[derive(Debug, Args, Clone)]
+#[command(next_help_heading = "Automatic certificates (ACME)")]
+pub struct AcmeArgs {
+    /// Obtain and renew a certificate for every HTTP service domain with ACME. Certificates in
+    /// the certificate and wildcard directories still win for the names they cover.
+    #[arg(long = "acme-certs", env = "NB_PROXY_ACME_CERTIFICATES", action = ArgAction::Set, num_args = 0..=1, default_value_t = false, default_missing_value = "true")]
+    pub enabled: bool,
+    /// Challenge: tls-alpn-01 (answered on the HTTPS listener) or http-01 (answered on
+    /// NB_PROXY_ACME_ADDRESS).
+    #[arg(
+        long = "acme-challenge-type",
+        env = "NB_PROXY_ACME_CHALLENGE_TYPE",
+        default_value = "tls-alpn-01"
+    )]
+    pub challenge_type: String,
+    /// Plain-HTTP address where http-01 challenges are answered; shares the plain-HTTP listener
+    /// when both name the same address. Only bound in http-01 mode.
+    #[arg(
+        long = "acme-addr",
+        env = "NB_PROXY_ACME_ADDRESS",
+        default_value = ":80"
+    )]
+    pub address: String,
+    /// ACME directory URL.
+    #[arg(
+        long = "acme-dir",
+        env = "NB_PROXY_ACME_DIRECTORY",
+        default_value = "https://acme-v02.api.letsencrypt.org/directory"
+    )]
+    pub directory: String,
+    /// Contact e-mail for the ACME account (expiry notices from the CA).
+    #[arg(long = "acme-email", env = "NB_PROXY_ACME_EMAIL")]
+    pub email: Option<String>,
+    /// PEM bundle of CA certificates that verify the ACME directory's TLS, instead of the
+    /// system roots (for a private or test CA such as Pebble).
+    #[arg(long = "acme-ca-file", env = "NB_PROXY_ACME_CA_FILE")]
+    pub ca_file: Option<PathBuf>,
+    /// External account binding key id.
+    #[arg(
+        long = "acme-eab-kid",
+        env = "NB_PROXY_ACME_EAB_KID",
+        hide_env_values = true
+    )]
+    pub eab_kid: Option<String>,
+    /// External account binding HMAC key (base64url).
+    #[arg(
+        long = "acme-eab-hmac-key",
+        env = "NB_PROXY_ACME_EAB_HMAC_KEY",
+        hide_env_values = true
+    )]
+    pub eab_hmac_key: Option<String>,
+    /// How replicas sharing the certificate directory take turns issuing: auto (k8s-lease
+    /// inside Kubernetes, else flock), flock, or k8s-lease.
+    #[arg(
+        long = "cert-lock-method",
+        env = "NB_PROXY_CERT_LOCK_METHOD",
+        default_value = "auto"
+    )]
+    pub lock_method: String,
 }
 
 /// NetBird settings accepted so that existing env files work, but not acted on yet.
@@ -263,28 +328,6 @@ pub struct ProxyArgs {
 #[derive(Debug, Args, Clone, Default)]
 #[command(next_help_heading = "Accepted for NetBird compatibility, not acted on yet")]
 pub struct NotYetSupported {
-    #[arg(long = "acme-certs", env = "NB_PROXY_ACME_CERTIFICATES")]
-    pub acme_certificates: Option<String>,
-    #[arg(long = "acme-addr", env = "NB_PROXY_ACME_ADDRESS")]
-    pub acme_address: Option<String>,
-    #[arg(long = "acme-dir", env = "NB_PROXY_ACME_DIRECTORY")]
-    pub acme_directory: Option<String>,
-    #[arg(
-        long = "acme-eab-kid",
-        env = "NB_PROXY_ACME_EAB_KID",
-        hide_env_values = true
-    )]
-    pub acme_eab_kid: Option<String>,
-    #[arg(
-        long = "acme-eab-hmac-key",
-        env = "NB_PROXY_ACME_EAB_HMAC_KEY",
-        hide_env_values = true
-    )]
-    pub acme_eab_hmac_key: Option<String>,
-    #[arg(long = "acme-challenge-type", env = "NB_PROXY_ACME_CHALLENGE_TYPE")]
-    pub acme_challenge_type: Option<String>,
-    #[arg(long = "cert-lock-method", env = "NB_PROXY_CERT_LOCK_METHOD")]
-    pub cert_lock_method: Option<String>,
     #[arg(long = "proxy-protocol", env = "NB_PROXY_PROXY_PROTOCOL")]
     pub proxy_protocol: Option<String>,
     #[arg(long = "wg-port", env = "NB_PROXY_WG_PORT")]
@@ -318,14 +361,7 @@ pub struct NotYetSupported {
 impl NotYetSupported {
     /// Names of the settings that were given a value.
     pub fn set_names(&self) -> Vec<&'static str> {
-        let all: [(&'static str, &Option<String>); 17] = [
-            ("NB_PROXY_ACME_CERTIFICATES", &self.acme_certificates),
-            ("NB_PROXY_ACME_ADDRESS", &self.acme_address),
-            ("NB_PROXY_ACME_DIRECTORY", &self.acme_directory),
-            ("NB_PROXY_ACME_EAB_KID", &self.acme_eab_kid),
-            ("NB_PROXY_ACME_EAB_HMAC_KEY", &self.acme_eab_hmac_key),
-            ("NB_PROXY_ACME_CHALLENGE_TYPE", &self.acme_challenge_type),
-            ("NB_PROXY_CERT_LOCK_METHOD", &self.cert_lock_method),
+        let all: [(&'static str, &Option<String>); 10] = [
             ("NB_PROXY_PROXY_PROTOCOL", &self.proxy_protocol),
             ("NB_PROXY_WG_PORT", &self.wg_port),
             ("NB_PROXY_PRESHARED_KEY", &self.preshared_key),

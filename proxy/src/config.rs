@@ -32,6 +32,8 @@ pub enum ConfigError {
     },
     #[error("NB_PROXY_TRUSTED_PROXIES: {value:?} is not a CIDR or IP address")]
     BadCidr { value: String },
+    #[error("{0}")]
+    BadAcme(String),
 }
 
 /// Which io driver the workers run.
@@ -83,6 +85,8 @@ pub struct ProxyConfig {
     pub ebpf: EbpfChoice,
     pub xdp_interfaces: Vec<String>,
     pub l4_splice: bool,
+    /// None when ACME is off.
+    pub acme: Option<crate::acme::AcmeSettings>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -223,6 +227,7 @@ impl ProxyConfig {
                 .filter(|s| !s.is_empty())
                 .collect(),
             l4_splice,
+            acme: crate::acme::AcmeSettings::from_args(&args.acme)?,
         })
     }
 }

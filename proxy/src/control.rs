@@ -2,7 +2,7 @@
 //! health probes and turns SIGTERM into a graceful drain. It is the only place that blocks.
 
 use std::path::PathBuf;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
 use tokio::signal::unix::{SignalKind, signal};
@@ -58,16 +58,37 @@ pub async fn run(
     health: tokio::net::TcpListener,
     sources: Arc<Sources>,
     management: Option<management::ManagementLink>,
+    acme_domains: Option<tokio::sync::watch::Receiver<std::collections::BTreeSet<String>>>,
 ) -> i32 {
+    let certs = Arc::new(Mutex::new(certs));
     tokio::spawn(crate::health::serve(health, shared.clone()));
     tokio::spawn(watch_files(
         shared.clone(),
         sources.clone(),
         shared.config.mappings_file.clone(),
-        certs,
+        certs.clone(),
     ));
+    // Bounded: a full queue drops events, and the next sync reports every status anyway.
+    let (events_tx, events_rx) = tokio::sync::mpsc::channel(256);
+    if let (Some(settings), Some(domains)) = (shared.config.acme.clone(), acme_domains) {
+        let parts = crate::acme::manager::ManagerParts {
+            shared: shared.clone(),
+            loader: certs.clone(),
+            domains,
+            events: management.is_some().then_some(events_tx),
+            identity: management
+                .as_ref()
+                .map(|l| l.proxy_id.clone())
+                .unwrap_or_else(|| format!("portcullis-{}", std::process::id())),
+        };
+        tokio::spawn(crate::acme::manager::run(
+            settings,
+            shared.config.cert_dir.clone(),
+            parts,
+        ));
+    }
     if let Some(link) = management {
-        tokio::spawn(management::run(shared.clone(), link, sources));
+        tokio::spawn(management::run(shared.clone(), link, sources, events_rx));
     }
 
     let (mut term, mut int) = match (
@@ -108,15 +129,18 @@ async fn watch_files(
     shared: Arc<Shared>,
     sources: Arc<Sources>,
     mappings: Option<PathBuf>,
-    mut certs: CertLoader,
+    certs: Arc<Mutex<CertLoader>>,
 ) {
     let mut mappings_stamp = mappings.as_deref().and_then(file_stamp);
     let mut tick = tokio::time::interval(shared.config.reload_interval);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tick.tick().await;
-        if certs.changed() {
-            reload_certs(&shared, &mut certs);
+        {
+            let mut certs = certs.lock().unwrap_or_else(|p| p.into_inner());
+            if certs.changed() {
+                reload_certs(&shared, &mut certs);
+            }
         }
         if let Some(path) = &mappings {
             let stamp = file_stamp(path);

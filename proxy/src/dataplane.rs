@@ -161,6 +161,13 @@ async fn worker_main(
             return;
         }
     };
+    let acme = match bound.acme.map(TcpListener::from_std).transpose() {
+        Ok(l) => l,
+        Err(e) => {
+            let _ = ready.send(Err(listener_err(e)));
+            return;
+        }
+    };
     let routes = RefCell::new(Rc::new(shared.routes.load_full()));
     let ctx = Rc::new(WorkerCtx {
         id,
@@ -170,6 +177,12 @@ async fn worker_main(
     });
     let server_tls = shared.tls.clone();
     monoio::spawn(crate::l4::serve_ports(ports, ctx.clone()));
+    if let Some(acme) = acme {
+        // Answers http-01 validations; anything else is redirected like on the HTTP listener.
+        monoio::spawn(accept_loop(acme, ctx.clone(), |tcp, _peer, ctx, at| {
+            crate::http::redirect::serve(tcp, ctx, at)
+        }));
+    }
     let _ = ready.send(Ok(()));
     tracing::debug!(worker = id, "worker running");
     let https_loop = accept_loop(https, ctx.clone(), move |tcp, peer, ctx, at| {
@@ -274,5 +287,10 @@ async fn serve_https(
                 return;
             }
         };
+    if tls.alpn_protocol() == Some(crate::acme::ACME_TLS_ALPN) {
+        // A tls-alpn-01 validator: the handshake was the whole answer (RFC 8737 §3).
+        tracing::debug!(%peer, "answered an ACME tls-alpn-01 validation");
+        return;
+    }
     crate::http::connection::serve(tls, peer, ctx, accepted_at, ClientScheme::Https).await;
 }

@@ -3,6 +3,7 @@
 //! The folder tree follows the planes: `control` (the thread that reloads configuration and
 //! serves health), `dataplane` (monoio workers), `http` (HTTP/1.1 proxying), `tls`, `routes`.
 
+pub mod acme;
 pub mod cli;
 pub mod config;
 pub mod control;

@@ -79,25 +79,38 @@ pub fn run(args: &ProxyArgs) -> Result<i32, StartError> {
         config.cert_key_file.clone(),
         config.wildcard_cert_dir.clone(),
     );
+    if config.acme.is_some() {
+        certs = certs.with_acme_dir(crate::acme::storage::AcmeDir::new(&config.cert_dir).certs());
+    }
     let scan = certs.scan();
     for e in &scan.errors {
         tracing::error!(error = %e, "certificate not loaded");
     }
-    if !scan.store.has_default() && scan.store.name_count() == 0 {
+    if !scan.store.has_default() && scan.store.name_count() == 0 && config.acme.is_none() {
         tracing::warn!(
             dir = %config.cert_dir.display(),
             "no certificate found: TLS handshakes will fail until one is added"
         );
     }
-    let resolver = Arc::new(SniResolver::new(scan.store));
+    let challenges = Arc::new(crate::acme::Challenges::default());
+    let resolver = Arc::new(SniResolver::new(scan.store, challenges.clone()));
     let file_mappings = match &config.mappings_file {
         Some(path) => crate::mappings_file::load(path)?,
         None => Vec::new(),
     };
-    let server_tls = tls::server_config(resolver.clone())?;
+    let tls_alpn = config
+        .acme
+        .as_ref()
+        .is_some_and(|a| a.challenge == crate::acme::ChallengeKind::TlsAlpn01);
+    let server_tls = tls::server_config(resolver.clone(), tls_alpn)?;
     let upstream_tls = UpstreamTls::new()?;
 
-    let bound = listener::bind_all(config.workers, config.https_listen, config.http_listen)?;
+    let bound = listener::bind_all(
+        config.workers,
+        config.https_listen,
+        config.http_listen,
+        acme_listen(&config),
+    )?;
     let health_std = std::net::TcpListener::bind(config.health_listen.as_str())
         .and_then(|l| l.set_nonblocking(true).map(|_| l))
         .map_err(|source| StartError::Health {
@@ -121,6 +134,7 @@ pub fn run(args: &ProxyArgs) -> Result<i32, StartError> {
         resolver,
         server_tls,
         max_connections,
+        challenges,
     ));
     load_fast_path(&shared);
     let (port_senders, port_receivers): (Vec<_>, Vec<_>) = (0..shared.config.workers)
@@ -131,6 +145,7 @@ pub fn run(args: &ProxyArgs) -> Result<i32, StartError> {
         .custom_ports
         .then(|| L4Listeners::new(shared.config.https_listen.ip(), port_senders));
     let sources = Arc::new(Sources::new(reserved_ports(&shared.config), listeners));
+    let acme_domains = shared.config.acme.is_some().then(|| sources.feed_acme());
     sources.set_file(file_mappings, &shared);
     let _workers = dataplane::start(shared.clone(), bound, port_receivers, upstream_tls)?;
     tracing::info!(
@@ -151,7 +166,7 @@ pub fn run(args: &ProxyArgs) -> Result<i32, StartError> {
                 return 1;
             }
         };
-        crate::control::run(shared, certs, health, sources, management).await
+        crate::control::run(shared, certs, health, sources, management, acme_domains).await
     });
     Ok(code)
 }
@@ -187,6 +202,12 @@ fn load_fast_path(shared: &Shared) {
     }
 }
 
+/// The http-01 listener, when it is not the plain-HTTP listener already.
+fn acme_listen(config: &ProxyConfig) -> Option<std::net::SocketAddr> {
+    let addr = config.acme.as_ref()?.http_address?;
+    (config.http_listen != Some(addr)).then_some(addr)
+}
+
 /// The proxy's own listen ports, which an L4 service must not share.
 fn reserved_ports(config: &ProxyConfig) -> Vec<(Transport, u16, &'static str)> {
     let mut out = vec![(
@@ -196,6 +217,9 @@ fn reserved_ports(config: &ProxyConfig) -> Vec<(Transport, u16, &'static str)> {
     )];
     if let Some(http) = config.http_listen {
         out.push((Transport::Tcp, http.port(), "NB_PROXY_HTTP_ADDRESS"));
+    }
+    if let Some(acme) = acme_listen(config) {
+        out.push((Transport::Tcp, acme.port(), "NB_PROXY_ACME_ADDRESS"));
     }
     if let Some(port) = config
         .health_listen

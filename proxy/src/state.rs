@@ -27,6 +27,10 @@ pub struct Shared {
     ebpf_state: std::sync::Mutex<String>,
     /// The loaded kernel fast path; used by the control thread only.
     pub fast_path: std::sync::Mutex<Option<FastPath>>,
+    /// ACME challenges being solved; empty when ACME is off.
+    pub acme_challenges: Arc<crate::acme::Challenges>,
+    /// Each ACME domain's certificate state.
+    pub acme_board: crate::acme::AcmeBoard,
 }
 
 /// Counters and flags for health reporting.
@@ -63,6 +67,7 @@ impl Shared {
         certs: Arc<SniResolver>,
         tls: Arc<rustls::ServerConfig>,
         max_connections: usize,
+        acme_challenges: Arc<crate::acme::Challenges>,
     ) -> Self {
         let (drain_tx, _) = watch::channel(false);
         Self {
@@ -76,6 +81,8 @@ impl Shared {
             splicer: OnceLock::new(),
             ebpf_state: std::sync::Mutex::new("off: not loaded".to_string()),
             fast_path: std::sync::Mutex::new(None),
+            acme_challenges,
+            acme_board: crate::acme::AcmeBoard::default(),
         }
     }
 

@@ -9,7 +9,7 @@ mod server_stream;
 use std::sync::Arc;
 
 pub use cert_store::{CertLoader, CertStore};
-pub use client::UpstreamTls;
+pub use client::{UpstreamTls, native_roots, roots_from_pem_file};
 pub use resolver::SniResolver;
 pub use server_stream::TlsServerStream;
 
@@ -31,14 +31,20 @@ pub fn crypto_provider() -> Arc<rustls::crypto::CryptoProvider> {
 
 /// Server configuration shared by every worker; certificates come from the resolver, which
 /// reloads them without touching open connections.
+/// With `acme_alpn`, `acme-tls/1` is negotiated too (tls-alpn-01 validation); the data plane
+/// closes such connections right after the handshake.
 pub fn server_config(
     resolver: Arc<SniResolver>,
+    acme_alpn: bool,
 ) -> Result<Arc<rustls::ServerConfig>, TlsSetupError> {
     let mut cfg = rustls::ServerConfig::builder_with_provider(crypto_provider())
         .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])?
         .with_no_client_auth()
         .with_cert_resolver(resolver);
     cfg.alpn_protocols = vec![ALPN_HTTP1.to_vec(), ALPN_HTTP10.to_vec()];
+    if acme_alpn {
+        cfg.alpn_protocols.push(crate::acme::ACME_TLS_ALPN.to_vec());
+    }
     cfg.ticketer = rustls::crypto::ring::Ticketer::new()?;
     Ok(Arc::new(cfg))
 }

@@ -8,5 +8,6 @@ pub mod l4_client;
 pub mod l4_targets;
 pub mod management;
 pub mod netns;
+pub mod pebble;
 pub mod process;
 pub mod proxy;

@@ -84,6 +84,12 @@ pub struct ProxyOptions {
     /// Run inside this network namespace, listening on `listen_ip`.
     pub netns: Option<String>,
     pub listen_ip: String,
+    /// Fixed ports (picked with `free_port`), for peers that must know them before the start.
+    pub https_port: Option<u16>,
+    pub http_port: Option<u16>,
+    /// A certificate directory of the caller's (shared by several proxies); default: the
+    /// proxy's own.
+    pub cert_dir: Option<PathBuf>,
 }
 
 impl ProxyOptions {
@@ -96,6 +102,9 @@ impl ProxyOptions {
             http_listener: false,
             netns: None,
             listen_ip: "127.0.0.1".into(),
+            https_port: None,
+            http_port: None,
+            cert_dir: None,
         }
     }
 
@@ -116,20 +125,21 @@ pub struct Proxy {
     pub health_port: u16,
     pub log: PathBuf,
     netns: Option<String>,
+    cert_dir: PathBuf,
 }
 
 impl Proxy {
     pub fn start(opts: ProxyOptions) -> Proxy {
         let dir = TestDir::new("proxy");
         let ca = TestCa::new();
-        let certs = dir.0.join("certs");
+        let certs = opts.cert_dir.clone().unwrap_or_else(|| dir.0.join("certs"));
         let names: Vec<&str> = opts.cert_names.iter().map(String::as_str).collect();
         ca.write_leaf(&certs, "tls", &ca.leaf(&names));
         std::fs::write(dir.0.join("ca.pem"), &ca.pem).expect("ca file");
         let mappings = dir.0.join("mappings.toml");
         atomic_write(&mappings, opts.mappings.as_bytes());
-        let https_port = free_port();
-        let http_port = free_port();
+        let https_port = opts.https_port.unwrap_or_else(free_port);
+        let http_port = opts.http_port.unwrap_or_else(free_port);
         let health_port = free_port();
         let log = dir.0.join("proxy.log");
         let mut cmd = match &opts.netns {
@@ -178,6 +188,7 @@ impl Proxy {
             health_port,
             log,
             netns: opts.netns.clone(),
+            cert_dir: certs,
         };
         proxy.wait_healthy();
         proxy
@@ -205,7 +216,7 @@ impl Proxy {
     }
 
     pub fn cert_dir(&self) -> PathBuf {
-        self.dir.0.join("certs")
+        self.cert_dir.clone()
     }
 
     /// Replaces the mappings file atomically.

@@ -20,6 +20,9 @@ mod postgres;
 const APT_PACKAGES: &[(&str, &str)] = &[
     ("curl", "curl"),
     ("ca-certificates", "update-ca-certificates"),
+    // Let's Encrypt's ACME test server (`pebble`, with `pebble-challtestsrv` as its DNS) for
+    // the ACME tests: `tests/src/pebble.rs`.
+    ("pebble", "pebble"),
 ];
 
 /// Debian packages the benchmark harness uses: the peers, the load generator, pinning.

@@ -164,11 +164,17 @@ impl Backoff {
     }
 }
 
-/// Runs forever: connects, follows the mapping stream, reconnects.
-pub async fn run(shared: Arc<Shared>, link: ManagementLink, sources: Arc<Sources>) {
+/// Runs forever: connects, follows the mapping stream, reconnects. `cert_events` names domains
+/// whose ACME certificate state changed; their services' status is sent again.
+pub async fn run(
+    shared: Arc<Shared>,
+    link: ManagementLink,
+    sources: Arc<Sources>,
+    mut cert_events: mpsc::Receiver<String>,
+) {
     let mut backoff = Backoff::new();
     loop {
-        let outcome = session(&shared, &link, &sources, &mut backoff).await;
+        let outcome = session(&shared, &link, &sources, &mut backoff, &mut cert_events).await;
         shared
             .status
             .management_connected
@@ -208,6 +214,7 @@ async fn session(
     link: &ManagementLink,
     sources: &Arc<Sources>,
     backoff: &mut Backoff,
+    cert_events: &mut mpsc::Receiver<String>,
 ) -> Result<(), Status> {
     let channel = link
         .endpoint
@@ -230,7 +237,7 @@ async fn session(
         Ok(resp) => {
             let mut stream = resp.into_inner();
             connected(shared, backoff);
-            while let Some(msg) = stream.message().await? {
+            while let Some(msg) = next_message(&mut stream, &applier, cert_events).await? {
                 applier.apply(msg.mapping, msg.initial_sync_complete);
                 // The batch is in the table: ask for the next one.
                 if ack_tx
@@ -260,12 +267,26 @@ async fn session(
                 .await?
                 .into_inner();
             connected(shared, backoff);
-            while let Some(msg) = stream.message().await? {
+            while let Some(msg) = next_message(&mut stream, &applier, cert_events).await? {
                 applier.apply(msg.mapping, msg.initial_sync_complete);
             }
             Ok(())
         }
         Err(status) => Err(status),
+    }
+}
+
+/// The next message of a mapping stream; certificate events that arrive meanwhile are reported.
+async fn next_message<T>(
+    stream: &mut tonic::Streaming<T>,
+    applier: &Applier,
+    cert_events: &mut mpsc::Receiver<String>,
+) -> Result<Option<T>, Status> {
+    loop {
+        tokio::select! {
+            msg = stream.message() => return msg,
+            Some(domain) = cert_events.recv() => applier.report_domain(&domain),
+        }
     }
 }
 
@@ -347,18 +368,7 @@ impl Applier {
             .map(|m| {
                 let (status, message, issued) = match skipped.get(&m.id) {
                     Some(err) => (proto::ProxyStatus::Error, Some(err.clone()), false),
-                    // L4 services carry their clients' TLS, if any: no certificate here.
-                    None if crate::routes::L4Mode::parse(&m.mode).is_some() => {
-                        (proto::ProxyStatus::Active, None, false)
-                    }
-                    None if certs.find(&m.domain).is_some() => {
-                        (proto::ProxyStatus::Active, None, true)
-                    }
-                    None => (
-                        proto::ProxyStatus::CertificatePending,
-                        Some("no certificate for this domain yet".to_string()),
-                        false,
-                    ),
+                    None => service_status(&self.shared, &certs, m),
                 };
                 SendStatusUpdateRequest {
                     service_id: m.id.clone(),
@@ -370,6 +380,24 @@ impl Applier {
                 }
             })
             .collect();
+        self.send(updates);
+    }
+
+    /// Sends the status of every HTTP service on `domain` again (its certificate changed).
+    fn report_domain(&self, domain: &str) {
+        let changed: Vec<ProxyMapping> = self
+            .current
+            .values()
+            .filter(|m| {
+                crate::routes::L4Mode::parse(&m.mode).is_none()
+                    && m.domain.trim_end_matches('.').eq_ignore_ascii_case(domain)
+            })
+            .cloned()
+            .collect();
+        self.report(changed, HashMap::new());
+    }
+
+    fn send(&self, updates: Vec<SendStatusUpdateRequest>) {
         let mut client = ProxyServiceClient::new(self.channel.clone());
         let link = self.link.clone();
         tokio::spawn(async move {
@@ -380,6 +408,46 @@ impl Applier {
                 }
             }
         });
+    }
+}
+
+/// How a served service stands with its certificate.
+fn service_status(
+    shared: &Shared,
+    certs: &crate::tls::CertStore,
+    m: &ProxyMapping,
+) -> (proto::ProxyStatus, Option<String>, bool) {
+    use crate::acme::CertState;
+    use proto::ProxyStatus;
+    // L4 services carry their clients' TLS, if any: no certificate here.
+    if crate::routes::L4Mode::parse(&m.mode).is_some() {
+        return (ProxyStatus::Active, None, false);
+    }
+    let domain = m.domain.trim_end_matches('.').to_ascii_lowercase();
+    if shared.config.acme.is_some() {
+        if certs.covers(&domain) {
+            return (ProxyStatus::Active, None, true);
+        }
+        return match shared.acme_board.get(&domain) {
+            Some(CertState::Failed(reason)) => {
+                (ProxyStatus::CertificateFailed, Some(reason), false)
+            }
+            // Issued but not loaded yet is still pending.
+            _ => (
+                ProxyStatus::CertificatePending,
+                Some("the certificate is being issued".to_string()),
+                false,
+            ),
+        };
+    }
+    if certs.find(&domain).is_some() {
+        (ProxyStatus::Active, None, true)
+    } else {
+        (
+            ProxyStatus::CertificatePending,
+            Some("no certificate for this domain yet".to_string()),
+            false,
+        )
     }
 }
 

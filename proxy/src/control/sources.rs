@@ -2,10 +2,11 @@
 //! always built from both, whole, and swapped in at once; the L4 listen ports and the kernel
 //! fast path's maps follow each new table.
 
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap};
 use std::sync::Mutex;
 
 use proto::ProxyMapping;
+use tokio::sync::watch;
 
 use crate::ebpf::{L4Protocol, PortPolicySpec};
 use crate::l4::listeners::L4Listeners;
@@ -23,6 +24,8 @@ struct Inner {
     reserved: Vec<(Transport, u16, &'static str)>,
     /// None when custom ports are switched off.
     listeners: Option<L4Listeners>,
+    /// The domains ACME should hold certificates for; None when ACME is off.
+    acme_domains: Option<watch::Sender<BTreeSet<String>>>,
 }
 
 impl Sources {
@@ -36,8 +39,19 @@ impl Sources {
                 management: Vec::new(),
                 reserved,
                 listeners,
+                acme_domains: None,
             }),
         }
+    }
+
+    /// From now on, every published table also tells ACME which domains need a certificate.
+    pub fn feed_acme(&self) -> watch::Receiver<BTreeSet<String>> {
+        let (tx, rx) = watch::channel(BTreeSet::new());
+        self.inner
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .acme_domains = Some(tx);
+        rx
     }
 
     pub fn set_file(
@@ -87,6 +101,20 @@ fn publish(inner: &mut Inner, shared: &Shared) -> HashMap<String, String> {
                 );
             }
         }
+    }
+    if let Some(feed) = &inner.acme_domains {
+        let domains: BTreeSet<String> = all
+            .iter()
+            .filter(|m| {
+                crate::routes::L4Mode::parse(&m.mode).is_none() && !skipped.contains_key(&m.id)
+            })
+            .filter_map(|m| crate::acme::issuable_domain(&m.domain))
+            .collect();
+        feed.send_if_modified(|current| {
+            let changed = *current != domains;
+            *current = domains;
+            changed
+        });
     }
     update_fast_path(shared, &table.l4);
     // The table goes out before new ports open, so a port's first connection finds its service.

@@ -34,6 +34,8 @@ pub enum ListenError {
 pub struct BoundListeners {
     pub https: std::net::TcpListener,
     pub http: Option<std::net::TcpListener>,
+    /// ACME http-01 answers, when they have an address of their own.
+    pub acme: Option<std::net::TcpListener>,
 }
 
 /// Binds one `SO_REUSEPORT` socket per worker for each address; the kernel spreads new
@@ -42,12 +44,14 @@ pub fn bind_all(
     workers: usize,
     https: SocketAddr,
     http: Option<SocketAddr>,
+    acme: Option<SocketAddr>,
 ) -> Result<Vec<BoundListeners>, ListenError> {
     let mut out = Vec::with_capacity(workers);
     for _ in 0..workers {
         out.push(BoundListeners {
             https: bind(https, "NB_PROXY_ADDRESS")?,
             http: http.map(|a| bind(a, "NB_PROXY_HTTP_ADDRESS")).transpose()?,
+            acme: acme.map(|a| bind(a, "NB_PROXY_ACME_ADDRESS")).transpose()?,
         });
     }
     Ok(out)

@@ -39,6 +39,18 @@ pub async fn exchange<S: AsyncReadRent + AsyncWriteRent>(
     peer: SocketAddr,
     ctx: &Rc<WorkerCtx>,
 ) -> Next {
+    if conn.scheme == super::connection::ClientScheme::Http
+        && let Some(token) = conn.head.path().strip_prefix(crate::acme::HTTP01_PREFIX)
+    {
+        let answer = ctx.shared.acme_challenges.http_answer(token);
+        responses::acme_challenge(&mut conn.out, answer.as_deref(), conn.head.is_head());
+        let _ = monoio::time::timeout(
+            Duration::from_secs(10),
+            write_vec(client, std::mem::take(&mut conn.out)),
+        )
+        .await;
+        return Next::Close;
+    }
     let table = ctx.routes();
     let head = &conn.head;
     let route = table

@@ -1,4 +1,5 @@
-//! The plain-HTTP listener: every request for a published host is redirected to HTTPS.
+//! The plain-HTTP listener: every request for a published host is redirected to HTTPS, except
+//! ACME http-01 validations, which get their key authorization.
 
 use std::rc::Rc;
 
@@ -40,7 +41,10 @@ pub async fn serve<S: AsyncReadRent + AsyncWriteRent>(
         }
     }
     let known = !head.host.is_empty() && ctx.routes().service(&head.host).is_some();
-    if known {
+    if let Some(token) = head.path().strip_prefix(crate::acme::HTTP01_PREFIX) {
+        let answer = ctx.shared.acme_challenges.http_answer(token);
+        responses::acme_challenge(&mut out, answer.as_deref(), head.is_head());
+    } else if known {
         let https_port = ctx.shared.config.https_listen.port();
         let location = if https_port == 443 {
             format!("https://{}{}", head.host, head.path_and_query())

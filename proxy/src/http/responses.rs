@@ -97,6 +97,23 @@ pub fn redirect(out: &mut Vec<u8>, location: &str, safe_method: bool) {
     );
 }
 
+/// The answer to an ACME http-01 validation: the key authorization, or a 404 page for a token
+/// nobody is solving. The connection closes after it.
+pub fn acme_challenge(out: &mut Vec<u8>, key_authorization: Option<&str>, head_only: bool) {
+    let Some(body) = key_authorization else {
+        return error_page(out, ProxyStatus::NotFound, true, head_only);
+    };
+    out.clear();
+    let _ = write!(
+        out,
+        "HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: {}\r\nCache-Control: no-store\r\nConnection: close\r\n\r\n",
+        body.len()
+    );
+    if !head_only {
+        out.extend_from_slice(body.as_bytes());
+    }
+}
+
 pub const CONTINUE_100: &[u8] = b"HTTP/1.1 100 Continue\r\n\r\n";
 
 #[cfg(test)]

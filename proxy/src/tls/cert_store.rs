@@ -42,9 +42,24 @@ pub struct CertStore {
     /// Keyed by the part after `*.`.
     wildcard: HashMap<String, Arc<CertifiedKey>>,
     default: Option<Arc<CertifiedKey>>,
+    /// Names served by a certificate from ACME (issued here, not configured).
+    acme_names: std::collections::HashSet<String>,
 }
 
 impl CertStore {
+    /// True when a certificate names `name` (exactly or by wildcard); the default does not count.
+    pub fn covers(&self, name: &str) -> bool {
+        self.exact.contains_key(name)
+            || name
+                .split_once('.')
+                .is_some_and(|(_, parent)| self.wildcard.contains_key(parent))
+    }
+
+    /// True when a configured (static or wildcard) certificate covers `name`: ACME leaves it be.
+    pub fn covered_by_configured(&self, name: &str) -> bool {
+        self.covers(name) && !self.acme_names.contains(name)
+    }
+
     /// Exact name, then a wildcard for the parent domain, then the default certificate.
     pub fn find(&self, name: &str) -> Option<Arc<CertifiedKey>> {
         if let Some(c) = self.exact.get(name) {
@@ -103,6 +118,8 @@ pub struct CertLoader {
     cert_file: String,
     key_file: String,
     wildcard_dir: Option<PathBuf>,
+    /// Certificates ACME issued; they come last and never shadow a configured one.
+    acme_dir: Option<PathBuf>,
     loaded: HashMap<PathBuf, LoadedPair>,
     last_scan: Vec<(PathBuf, Option<FileStamp>)>,
 }
@@ -125,9 +142,16 @@ impl CertLoader {
             cert_file,
             key_file,
             wildcard_dir,
+            acme_dir: None,
             loaded: HashMap::new(),
             last_scan: Vec::new(),
         }
+    }
+
+    /// Also serves the certificates ACME stores in `dir`.
+    pub fn with_acme_dir(mut self, dir: PathBuf) -> Self {
+        self.acme_dir = Some(dir);
+        self
     }
 
     /// True when any certificate or key file appeared, disappeared or changed since the last scan.
@@ -139,7 +163,10 @@ impl CertLoader {
         let mut pairs = Vec::new();
         let default_crt = self.cert_dir.join(&self.cert_file);
         pairs.push((default_crt.clone(), self.cert_dir.join(&self.key_file)));
-        for dir in std::iter::once(&self.cert_dir).chain(self.wildcard_dir.as_ref()) {
+        for dir in std::iter::once(&self.cert_dir)
+            .chain(self.wildcard_dir.as_ref())
+            .chain(self.acme_dir.as_ref())
+        {
             let Ok(entries) = std::fs::read_dir(dir) else {
                 continue;
             };
@@ -213,7 +240,14 @@ impl CertLoader {
             if crt == default_crt {
                 store.default = Some(pair.key.clone());
             }
+            let from_acme = self.acme_dir.as_ref().is_some_and(|d| crt.starts_with(d));
             for name in &pair.names {
+                if from_acme {
+                    if store.covers(name) {
+                        continue;
+                    }
+                    store.acme_names.insert(name.clone());
+                }
                 let slot = match name.strip_prefix("*.") {
                     Some(suffix) => store.wildcard.entry(suffix.to_string()),
                     None => store.exact.entry(name.clone()),

@@ -17,13 +17,7 @@ pub struct UpstreamTls {
 
 impl UpstreamTls {
     pub fn new() -> Result<Self, TlsSetupError> {
-        let mut roots = rustls::RootCertStore::empty();
-        let native = rustls_native_certs::load_native_certs();
-        for err in &native.errors {
-            tracing::warn!(error = %err, "could not read a system CA certificate");
-        }
-        let (added, ignored) = roots.add_parsable_certificates(native.certs);
-        tracing::debug!(added, ignored, "system CA certificates for https targets");
+        let roots = native_roots();
         let provider = crypto_provider();
         let mut verified = ClientConfig::builder_with_provider(provider.clone())
             .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])?
@@ -45,6 +39,34 @@ impl UpstreamTls {
             unverified: Arc::new(unverified),
         })
     }
+}
+
+/// The system's CA certificates; unreadable ones are logged and skipped.
+pub fn native_roots() -> rustls::RootCertStore {
+    let mut roots = rustls::RootCertStore::empty();
+    let native = rustls_native_certs::load_native_certs();
+    for err in &native.errors {
+        tracing::warn!(error = %err, "could not read a system CA certificate");
+    }
+    let (added, ignored) = roots.add_parsable_certificates(native.certs);
+    tracing::debug!(added, ignored, "system CA certificates");
+    roots
+}
+
+/// Every CA certificate of a PEM bundle; an unreadable file or one without a usable
+/// certificate is an error.
+pub fn roots_from_pem_file(path: &std::path::Path) -> Result<rustls::RootCertStore, String> {
+    use rustls::pki_types::pem::PemObject;
+    let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(path)
+        .map_err(|e| e.to_string())?
+        .collect::<Result<_, _>>()
+        .map_err(|e| e.to_string())?;
+    let mut roots = rustls::RootCertStore::empty();
+    let (added, _) = roots.add_parsable_certificates(certs);
+    if added == 0 {
+        return Err("no usable CA certificate in the file".to_string());
+    }
+    Ok(roots)
 }
 
 /// Accepts any server certificate: only for targets explicitly marked `skip_tls_verify`.

@@ -1,4 +1,5 @@
-//! Picks a certificate for each handshake from the current certificate store.
+//! Picks a certificate for each handshake from the current certificate store, or the ACME
+//! tls-alpn-01 challenge certificate when the CA's validator asks for `acme-tls/1`.
 
 use std::sync::Arc;
 
@@ -7,16 +8,19 @@ use rustls::server::{ClientHello, ResolvesServerCert};
 use rustls::sign::CertifiedKey;
 
 use super::CertStore;
+use crate::acme::{ACME_TLS_ALPN, Challenges};
 
 #[derive(Debug)]
 pub struct SniResolver {
     store: ArcSwap<CertStore>,
+    challenges: Arc<Challenges>,
 }
 
 impl SniResolver {
-    pub fn new(store: CertStore) -> Self {
+    pub fn new(store: CertStore, challenges: Arc<Challenges>) -> Self {
         Self {
             store: ArcSwap::from_pointee(store),
+            challenges,
         }
     }
 
@@ -32,6 +36,15 @@ impl SniResolver {
 
 impl ResolvesServerCert for SniResolver {
     fn resolve(&self, hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+        let acme = hello
+            .alpn()
+            .is_some_and(|mut offered| offered.any(|p| p == ACME_TLS_ALPN));
+        if acme {
+            // Only the challenge certificate may answer a validator; without one the
+            // handshake fails.
+            let name = hello.server_name()?.to_ascii_lowercase();
+            return self.challenges.alpn_certificate(&name);
+        }
         let store = self.store.load();
         match hello.server_name() {
             Some(name) => store.find(&name.to_ascii_lowercase()),

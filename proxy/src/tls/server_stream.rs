@@ -67,6 +67,11 @@ pub struct TlsServerStream {
 unsafe impl Split for TlsServerStream {}
 
 impl TlsServerStream {
+    /// The protocol negotiated with ALPN, if any.
+    pub fn alpn_protocol(&self) -> Option<&[u8]> {
+        self.conn.alpn_protocol()
+    }
+
     /// Runs the server handshake on `tcp`.
     pub async fn accept(tcp: TcpStream, config: Arc<ServerConfig>) -> io::Result<Self> {
         let conn = ServerConnection::new(config).map_err(io::Error::other)?;
