@@ -58,7 +58,10 @@ pub async fn run(
     health: tokio::net::TcpListener,
     sources: Arc<Sources>,
     management: Option<management::ManagementLink>,
-    acme_domains: Option<tokio::sync::watch::Receiver<std::collections::BTreeSet<String>>>,
+    acme: Option<(
+        crate::acme::manager::Prepared,
+        tokio::sync::watch::Receiver<std::collections::BTreeSet<String>>,
+    )>,
 ) -> i32 {
     let certs = Arc::new(Mutex::new(certs));
     tokio::spawn(crate::health::serve(health, shared.clone()));
@@ -70,22 +73,14 @@ pub async fn run(
     ));
     // Bounded: a full queue drops events, and the next sync reports every status anyway.
     let (events_tx, events_rx) = tokio::sync::mpsc::channel(256);
-    if let (Some(settings), Some(domains)) = (shared.config.acme.clone(), acme_domains) {
+    if let (Some(settings), Some((prepared, domains))) = (shared.config.acme.clone(), acme) {
         let parts = crate::acme::manager::ManagerParts {
             shared: shared.clone(),
             loader: certs.clone(),
             domains,
             events: management.is_some().then_some(events_tx),
-            identity: management
-                .as_ref()
-                .map(|l| l.proxy_id.clone())
-                .unwrap_or_else(|| format!("portcullis-{}", std::process::id())),
         };
-        tokio::spawn(crate::acme::manager::run(
-            settings,
-            shared.config.cert_dir.clone(),
-            parts,
-        ));
+        tokio::spawn(crate::acme::manager::run(settings, prepared, parts));
     }
     if let Some(link) = management {
         tokio::spawn(management::run(shared.clone(), link, sources, events_rx));

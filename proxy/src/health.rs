@@ -45,6 +45,7 @@ pub fn report(shared: &Shared) -> serde_json::Value {
             "udp_sessions": s.l4.udp_sessions.load(Ordering::Relaxed),
             "xdp": shared.xdp_counters(),
         },
+        "acme": shared.config.acme.as_ref().map(|_| shared.acme_board.snapshot()),
     })
 }
 

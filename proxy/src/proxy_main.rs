@@ -37,6 +37,8 @@ pub enum StartError {
     Runtime(std::io::Error),
     #[error(transparent)]
     Management(#[from] ManagementError),
+    #[error("ACME: {0}")]
+    Acme(#[from] crate::acme::AcmeError),
 }
 
 /// Runs a proxy until SIGTERM/SIGINT; returns the exit code.
@@ -72,6 +74,14 @@ pub fn run(args: &ProxyArgs) -> Result<i32, StartError> {
         );
     }
 
+    let acme = match &config.acme {
+        Some(settings) => Some(crate::acme::manager::prepare(
+            settings,
+            &config.cert_dir,
+            &lock_identity(args, &config),
+        )?),
+        None => None,
+    };
     let max_connections = connection_limit(config.max_connections);
     let mut certs = CertLoader::new(
         config.cert_dir.clone(),
@@ -93,15 +103,15 @@ pub fn run(args: &ProxyArgs) -> Result<i32, StartError> {
         );
     }
     let challenges = Arc::new(crate::acme::Challenges::default());
-    let resolver = Arc::new(SniResolver::new(scan.store, challenges.clone()));
-    let file_mappings = match &config.mappings_file {
-        Some(path) => crate::mappings_file::load(path)?,
-        None => Vec::new(),
-    };
     let tls_alpn = config
         .acme
         .as_ref()
         .is_some_and(|a| a.challenge == crate::acme::ChallengeKind::TlsAlpn01);
+    let resolver = Arc::new(SniResolver::new(scan.store, challenges.clone(), tls_alpn));
+    let file_mappings = match &config.mappings_file {
+        Some(path) => crate::mappings_file::load(path)?,
+        None => Vec::new(),
+    };
     let server_tls = tls::server_config(resolver.clone(), tls_alpn)?;
     let upstream_tls = UpstreamTls::new()?;
 
@@ -145,7 +155,7 @@ pub fn run(args: &ProxyArgs) -> Result<i32, StartError> {
         .custom_ports
         .then(|| L4Listeners::new(shared.config.https_listen.ip(), port_senders));
     let sources = Arc::new(Sources::new(reserved_ports(&shared.config), listeners));
-    let acme_domains = shared.config.acme.is_some().then(|| sources.feed_acme());
+    let acme = acme.map(|prepared| (prepared, sources.feed_acme()));
     sources.set_file(file_mappings, &shared);
     let _workers = dataplane::start(shared.clone(), bound, port_receivers, upstream_tls)?;
     tracing::info!(
@@ -166,7 +176,7 @@ pub fn run(args: &ProxyArgs) -> Result<i32, StartError> {
                 return 1;
             }
         };
-        crate::control::run(shared, certs, health, sources, management, acme_domains).await
+        crate::control::run(shared, certs, health, sources, management, acme).await
     });
     Ok(code)
 }
@@ -241,6 +251,19 @@ fn proxy_id(args: &ProxyArgs, config: &ProxyConfig) -> String {
         .map(|h| h.trim().to_string())
         .unwrap_or_else(|_| "proxy".to_string());
     format!("{host}-{}", config.https_listen.port())
+}
+
+/// Who holds a certificate lock: unique per process even when replicas share NB_PROXY_ID or
+/// all run as PID 1 in their containers.
+fn lock_identity(args: &ProxyArgs, config: &ProxyConfig) -> String {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.subsec_nanos());
+    format!(
+        "{}-{:08x}",
+        proxy_id(args, config),
+        nanos ^ std::process::id().rotate_left(16)
+    )
 }
 
 /// The configured limit, or one derived from the open-file limit (each proxied connection needs

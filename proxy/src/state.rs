@@ -86,6 +86,19 @@ impl Shared {
         }
     }
 
+    /// The answer to an http-01 validation for `token`, or why not: `None` when this request is
+    /// not ACME's to answer (http-01 off and nobody solving that token), so it is routed as
+    /// any other request and a target's own ACME client keeps working behind the proxy.
+    pub fn acme_http01(&self, token: &str) -> Option<Option<String>> {
+        let answer = self.acme_challenges.http_answer(token);
+        let ours = self
+            .config
+            .acme
+            .as_ref()
+            .is_some_and(|a| a.challenge == crate::acme::ChallengeKind::Http01);
+        (ours || answer.is_some()).then_some(answer)
+    }
+
     pub fn splicer(&self) -> Option<&Splicer> {
         self.splicer.get()
     }

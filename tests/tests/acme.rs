@@ -271,6 +271,9 @@ fn http_01_on_the_plain_http_listener() {
     );
     assert!(issuer_is_pebble(&peer_cert(&conn)));
     assert_eq!(get(&mut conn, "web.acme.test", "/"), 200);
+    proxy.wait_health("ACME state in /healthz", |h| {
+        h["acme"]["web.acme.test"] == "issued"
+    });
     assert_eq!(pebble.order_count(), 1);
     // The plain-HTTP listener still redirects everything else, and unknown tokens are 404.
     let status = |path: &str| {
@@ -452,4 +455,25 @@ fn short_lived_certificates_renew_under_an_open_connection_and_removed_ones_do_n
         "only the remaining service was renewed; log:\n{}",
         proxy.log_text()
     );
+}
+
+#[test]
+fn without_http_01_challenge_paths_are_routed_like_any_request() {
+    // A target that runs its own ACME client behind the proxy keeps getting its validations.
+    let backend = Backend::start("own-acme");
+    let mut opts = ProxyOptions::new(mapping("own.test.internal", &backend))
+        .env("NB_PROXY_HTTP_MODE", "serve");
+    opts.http_listener = true;
+    let proxy = Proxy::start(opts);
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", proxy.http_port)).expect("connect");
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    write!(
+        s,
+        "GET /.well-known/acme-challenge/abc HTTP/1.1\r\nHost: own.test.internal\r\nConnection: close\r\n\r\n"
+    )
+    .unwrap();
+    let mut raw = Vec::new();
+    std::io::Read::read_to_end(&mut s, &mut raw).expect("response");
+    assert_eq!(tests::client::status_of(&raw), Some(200));
+    assert_eq!(backend.request_count(), 1, "the target answered it");
 }

@@ -19,6 +19,9 @@ pub const HTTP01_PREFIX: &str = "/.well-known/acme-challenge/";
 const MAX_PEER_FILES: usize = 512;
 /// Largest challenge file read from the shared directory.
 const MAX_PEER_FILE: u64 = 16 * 1024;
+/// Older challenge files are left over from a replica that died mid-order: ignored (a CA
+/// validates within minutes).
+const MAX_PEER_AGE: std::time::Duration = std::time::Duration::from_secs(600);
 
 #[derive(Debug, Default, Clone)]
 pub struct ChallengeSet {
@@ -155,16 +158,22 @@ fn read_small_files(dir: &Path) -> Vec<(String, Vec<u8>)> {
     let Ok(entries) = std::fs::read_dir(dir) else {
         return Vec::new();
     };
+    let fresh = |m: &std::fs::Metadata| {
+        m.modified()
+            .ok()
+            .and_then(|t| t.elapsed().ok())
+            .is_some_and(|age| age <= MAX_PEER_AGE)
+    };
     entries
         .filter_map(Result::ok)
-        .take(MAX_PEER_FILES)
         .filter(|e| {
             e.metadata()
-                .is_ok_and(|m| m.is_file() && m.len() <= MAX_PEER_FILE)
+                .is_ok_and(|m| m.is_file() && m.len() <= MAX_PEER_FILE && fresh(&m))
         })
+        .take(MAX_PEER_FILES)
         .filter_map(|e| {
             let name = e.file_name().into_string().ok()?;
-            if name.starts_with('.') {
+            if name.starts_with('.') || name.ends_with(".tmp") {
                 return None;
             }
             Some((name, std::fs::read(e.path()).ok()?))

@@ -33,11 +33,26 @@ pub struct Issuer {
     account: OnceCell<Account>,
 }
 
-/// What a replica published for one order, withdrawn when the order is done either way.
-#[derive(Default)]
-struct Published {
+/// What a replica published for one order, withdrawn when the order is done either way, also
+/// when the order is dropped half-way (its timeout).
+struct Published<'a> {
+    challenges: &'a Challenges,
+    dir: &'a AcmeDir,
     tokens: Vec<String>,
     domains: Vec<String>,
+}
+
+impl Drop for Published<'_> {
+    fn drop(&mut self) {
+        for token in &self.tokens {
+            self.challenges.remove_http(token);
+            self.dir.remove_http_challenge(token);
+        }
+        for d in &self.domains {
+            self.challenges.remove_alpn(d);
+            self.dir.remove_alpn_challenge(d);
+        }
+    }
 }
 
 impl Issuer {
@@ -65,16 +80,14 @@ impl Issuer {
             .await
             .map_err(from_acme)?;
         tracing::info!(%domain, order = order.url(), "ACME order created");
-        let mut published = Published::default();
+        let mut published = Published {
+            challenges: &self.challenges,
+            dir: &self.dir,
+            tokens: Vec::new(),
+            domains: Vec::new(),
+        };
         let solved = self.solve(&mut order, domain, &mut published).await;
-        for token in &published.tokens {
-            self.challenges.remove_http(token);
-            self.dir.remove_http_challenge(token);
-        }
-        for d in &published.domains {
-            self.challenges.remove_alpn(d);
-            self.dir.remove_alpn_challenge(d);
-        }
+        drop(published);
         solved?;
 
         let key = rcgen::KeyPair::generate().map_err(|e| AcmeError::Key(e.to_string()))?;
@@ -100,7 +113,7 @@ impl Issuer {
         &self,
         order: &mut Order,
         domain: &str,
-        published: &mut Published,
+        published: &mut Published<'_>,
     ) -> Result<(), AcmeError> {
         let kind = match self.settings.challenge {
             ChallengeKind::TlsAlpn01 => ChallengeType::TlsAlpn01,

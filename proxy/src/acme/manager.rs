@@ -2,7 +2,6 @@
 //! at two thirds of their lifetime, backs off after failures and reports each domain's state.
 
 use std::collections::{BTreeSet, HashMap, HashSet};
-use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
@@ -28,6 +27,8 @@ const FIRST_BACKOFF: Duration = Duration::from_secs(30);
 const MAX_BACKOFF: Duration = Duration::from_secs(6 * 3600);
 /// Wait after a rate-limit answer that named no time.
 const RATE_LIMIT_WAIT: Duration = Duration::from_secs(3600);
+/// Longest sleep of the manager between looks at every domain.
+const RECHECK: Duration = Duration::from_secs(30);
 /// How often the shared challenge folders are checked for other replicas' challenges.
 pub const CHALLENGE_POLL: Duration = Duration::from_millis(200);
 
@@ -47,6 +48,22 @@ pub struct AcmeBoard {
 impl AcmeBoard {
     pub fn get(&self, domain: &str) -> Option<CertState> {
         self.lock().get(domain).cloned()
+    }
+
+    /// Each domain's state for `/healthz`: `pending`, `issued` or `failed: <reason>`.
+    pub fn snapshot(&self) -> serde_json::Value {
+        self.lock()
+            .iter()
+            .map(|(d, s)| {
+                let text = match s {
+                    CertState::Pending => "pending".to_string(),
+                    CertState::Issued => "issued".to_string(),
+                    CertState::Failed(reason) => format!("failed: {reason}"),
+                };
+                (d.clone(), serde_json::Value::String(text))
+            })
+            .collect::<serde_json::Map<_, _>>()
+            .into()
     }
 
     /// True when the state changed.
@@ -74,7 +91,6 @@ pub struct ManagerParts {
     pub domains: watch::Receiver<BTreeSet<String>>,
     /// Domains whose state changed, for the management status reporter.
     pub events: Option<mpsc::Sender<String>>,
-    pub identity: String,
 }
 
 struct Plan {
@@ -82,20 +98,30 @@ struct Plan {
     failures: u32,
 }
 
+/// The folder and the lock, set up at start so that a broken setup stops the proxy with a
+/// clear message instead of leaving every domain pending.
+pub fn prepare(
+    settings: &AcmeSettings,
+    cert_dir: &std::path::Path,
+    identity: &str,
+) -> Result<Prepared, AcmeError> {
+    let dir = AcmeDir::new(cert_dir);
+    dir.prepare()?;
+    let lock = CertLock::new(settings.lock, dir.locks(), identity)?;
+    Ok(Prepared {
+        dir,
+        lock: Arc::new(lock),
+    })
+}
+
+/// What [`prepare`] set up.
+pub struct Prepared {
+    dir: AcmeDir,
+    lock: Arc<CertLock>,
+}
+
 /// Runs on the control thread for the proxy's lifetime.
-pub async fn run(settings: AcmeSettings, cert_dir: PathBuf, parts: ManagerParts) {
-    let dir = AcmeDir::new(&cert_dir);
-    if let Err(e) = dir.prepare() {
-        tracing::error!(error = %e, "ACME is on but its folder cannot be created; no certificates will be issued");
-        return;
-    }
-    let lock = match CertLock::new(settings.lock, dir.locks(), &parts.identity) {
-        Ok(l) => Arc::new(l),
-        Err(e) => {
-            tracing::error!(error = %e, "ACME is on but the certificate lock cannot be set up");
-            return;
-        }
-    };
+pub async fn run(settings: AcmeSettings, Prepared { dir, lock }: Prepared, parts: ManagerParts) {
     tracing::info!(
         directory = %settings.directory,
         challenge = settings.challenge.name(),
@@ -118,6 +144,7 @@ pub async fn run(settings: AcmeSettings, cert_dir: PathBuf, parts: ManagerParts)
         plans: HashMap::new(),
         in_flight: HashSet::new(),
         newly_served: Vec::new(),
+        tasks: HashMap::new(),
     }
     .run()
     .await;
@@ -131,6 +158,8 @@ struct Manager {
     plans: HashMap<String, Plan>,
     in_flight: HashSet<String>,
     newly_served: Vec<String>,
+    /// Which domain each running order task is for (to recover from a panicked task).
+    tasks: HashMap<tokio::task::Id, String>,
 }
 
 type Outcome = (String, Result<Validity, AcmeError>);
@@ -145,28 +174,39 @@ impl Manager {
                 self.consider(domain, &mut orders);
             }
             self.flush();
+            // A due domain waiting for a free order slot is woken by the order that frees it;
+            // every domain is looked at again at least every RECHECK (a static certificate
+            // removed from disk hands its domain back to ACME).
+            let now = Instant::now();
             let wake = self
                 .plans
                 .iter()
-                .filter(|(d, _)| !self.in_flight.contains(*d))
+                .filter(|(d, p)| !self.in_flight.contains(*d) && p.next > now)
                 .map(|(_, p)| p.next)
-                .min();
+                .min()
+                .map_or(now + RECHECK, |at| at.min(now + RECHECK));
             tokio::select! {
                 changed = self.parts.domains.changed() => {
                     if changed.is_err() {
                         return;
                     }
                 }
-                Some(done) = orders.join_next(), if !orders.is_empty() => {
-                    match done {
-                        Ok((domain, result)) => {
-                            self.finished(&domain, result);
-                            self.flush();
+                Some(done) = orders.join_next_with_id(), if !orders.is_empty() => {
+                    let (domain, result) = match done {
+                        Ok((id, outcome)) => {
+                            self.tasks.remove(&id);
+                            outcome
                         }
-                        Err(e) => tracing::error!(error = %e, "an ACME order task failed"),
-                    }
+                        Err(e) => {
+                            let domain = self.tasks.remove(&e.id()).unwrap_or_default();
+                            tracing::error!(%domain, error = %e, "an ACME order task failed");
+                            (domain, Err(AcmeError::Acme(format!("the order task failed: {e}"))))
+                        }
+                    };
+                    self.finished(&domain, result);
+                    self.flush();
                 }
-                _ = sleep_until(wake) => {}
+                _ = tokio::time::sleep_until(wake) => {}
             }
         }
     }
@@ -215,10 +255,12 @@ impl Manager {
         let lock = self.lock.clone();
         let dir = self.dir.clone();
         let domain = domain.to_string();
-        orders.spawn(async move {
+        let task_domain = domain.clone();
+        let handle = orders.spawn(async move {
             let result = order_once(&issuer, &lock, &dir, &domain).await;
             (domain, result)
         });
+        self.tasks.insert(handle.id(), task_domain);
     }
 
     fn finished(&mut self, domain: &str, result: Result<Validity, AcmeError>) {
@@ -325,13 +367,6 @@ fn instant_at(at: SystemTime) -> Instant {
     match at.duration_since(SystemTime::now()) {
         Ok(d) => now + d,
         Err(_) => now,
-    }
-}
-
-async fn sleep_until(wake: Option<Instant>) {
-    match wake {
-        Some(at) => tokio::time::sleep_until(at).await,
-        None => std::future::pending().await,
     }
 }
 

@@ -21,7 +21,7 @@ pub enum LockMethod {
     K8sLease,
 }
 
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct AcmeSettings {
     pub directory: String,
     pub email: Option<String>,
@@ -32,6 +32,26 @@ pub struct AcmeSettings {
     /// Where http-01 challenges are answered (http-01 only).
     pub http_address: Option<SocketAddr>,
     pub lock: LockMethod,
+}
+
+/// Written by hand so that the EAB key never reaches a log.
+impl std::fmt::Debug for AcmeSettings {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AcmeSettings")
+            .field("directory", &self.directory)
+            .field("email", &self.email)
+            .field("ca_file", &self.ca_file)
+            .field("eab_kid", &self.eab.as_ref().map(|(kid, _)| kid))
+            .field("challenge", &self.challenge)
+            .field("http_address", &self.http_address)
+            .field("lock", &self.lock)
+            .finish()
+    }
+}
+
+/// A setting with a value; an empty one (common in env templates) counts as unset.
+fn present(v: &Option<String>) -> Option<&str> {
+    v.as_deref().filter(|s| !s.trim().is_empty())
 }
 
 impl AcmeSettings {
@@ -73,8 +93,8 @@ impl AcmeSettings {
                 args.directory
             )));
         }
-        let eab = match (&args.eab_kid, &args.eab_hmac_key) {
-            (Some(kid), Some(key)) if !kid.is_empty() && !key.is_empty() => {
+        let eab = match (present(&args.eab_kid), present(&args.eab_hmac_key)) {
+            (Some(kid), Some(key)) => {
                 let decoded = base64::engine::general_purpose::URL_SAFE_NO_PAD
                     .decode(key.trim().trim_end_matches('='))
                     .map_err(|e| {
@@ -82,11 +102,9 @@ impl AcmeSettings {
                             "NB_PROXY_ACME_EAB_HMAC_KEY is not base64url: {e}"
                         ))
                     })?;
-                Some((kid.clone(), decoded))
+                Some((kid.to_string(), decoded))
             }
             (None, None) => None,
-            (Some(k), None) if k.is_empty() => None,
-            (None, Some(h)) if h.is_empty() => None,
             _ => {
                 return Err(ConfigError::BadAcme(
                     "NB_PROXY_ACME_EAB_KID and NB_PROXY_ACME_EAB_HMAC_KEY go together".to_string(),

@@ -304,11 +304,13 @@ fn connected(shared: &Shared, backoff: &mut Backoff) {
 struct Applier {
     shared: Arc<Shared>,
     sources: Arc<Sources>,
-    link: ManagementLink,
-    channel: Channel,
     snapshot: Option<HashMap<String, ProxyMapping>>,
     current: HashMap<String, ProxyMapping>,
+    status_tx: mpsc::Sender<SendStatusUpdateRequest>,
 }
+
+/// Status updates waiting to be sent; more are dropped (the next sync sends every status).
+const STATUS_QUEUE: usize = 4096;
 
 impl Applier {
     fn new(
@@ -317,11 +319,21 @@ impl Applier {
         link: ManagementLink,
         channel: Channel,
     ) -> Self {
+        let (status_tx, mut status_rx) = mpsc::channel::<SendStatusUpdateRequest>(STATUS_QUEUE);
+        let mut client = ProxyServiceClient::new(channel);
+        // Ends when the Applier (the session) is gone.
+        tokio::spawn(async move {
+            while let Some(u) = status_rx.recv().await {
+                let id = u.service_id.clone();
+                if let Err(e) = client.send_status_update(link.authorized(u)).await {
+                    tracing::debug!(service = %id, error = %e, "status update not delivered");
+                }
+            }
+        });
         Self {
+            status_tx,
             shared,
             sources,
-            link,
-            channel,
             snapshot: Some(HashMap::new()),
             current: HashMap::new(),
         }
@@ -397,17 +409,14 @@ impl Applier {
         self.report(changed, HashMap::new());
     }
 
+    /// Queues updates for the one sender of this session, so they reach management in order.
     fn send(&self, updates: Vec<SendStatusUpdateRequest>) {
-        let mut client = ProxyServiceClient::new(self.channel.clone());
-        let link = self.link.clone();
-        tokio::spawn(async move {
-            for u in updates {
-                let id = u.service_id.clone();
-                if let Err(e) = client.send_status_update(link.authorized(u)).await {
-                    tracing::debug!(service = %id, error = %e, "status update not delivered");
-                }
+        for u in updates {
+            if self.status_tx.try_send(u).is_err() {
+                tracing::warn!("status update queue full; the next sync reports every status");
+                return;
             }
-        });
+        }
     }
 }
 

@@ -41,8 +41,8 @@ pub async fn exchange<S: AsyncReadRent + AsyncWriteRent>(
 ) -> Next {
     if conn.scheme == super::connection::ClientScheme::Http
         && let Some(token) = conn.head.path().strip_prefix(crate::acme::HTTP01_PREFIX)
+        && let Some(answer) = ctx.shared.acme_http01(token)
     {
-        let answer = ctx.shared.acme_challenges.http_answer(token);
         responses::acme_challenge(&mut conn.out, answer.as_deref(), conn.head.is_head());
         let _ = monoio::time::timeout(
             Duration::from_secs(10),

@@ -41,8 +41,11 @@ pub async fn serve<S: AsyncReadRent + AsyncWriteRent>(
         }
     }
     let known = !head.host.is_empty() && ctx.routes().service(&head.host).is_some();
-    if let Some(token) = head.path().strip_prefix(crate::acme::HTTP01_PREFIX) {
-        let answer = ctx.shared.acme_challenges.http_answer(token);
+    let acme = head
+        .path()
+        .strip_prefix(crate::acme::HTTP01_PREFIX)
+        .and_then(|token| ctx.shared.acme_http01(token));
+    if let Some(answer) = acme {
         responses::acme_challenge(&mut out, answer.as_deref(), head.is_head());
     } else if known {
         let https_port = ctx.shared.config.https_listen.port();

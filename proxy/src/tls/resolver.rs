@@ -14,13 +14,16 @@ use crate::acme::{ACME_TLS_ALPN, Challenges};
 pub struct SniResolver {
     store: ArcSwap<CertStore>,
     challenges: Arc<Challenges>,
+    /// tls-alpn-01 is the configured ACME challenge.
+    acme_alpn: bool,
 }
 
 impl SniResolver {
-    pub fn new(store: CertStore, challenges: Arc<Challenges>) -> Self {
+    pub fn new(store: CertStore, challenges: Arc<Challenges>, acme_alpn: bool) -> Self {
         Self {
             store: ArcSwap::from_pointee(store),
             challenges,
+            acme_alpn,
         }
     }
 
@@ -36,9 +39,12 @@ impl SniResolver {
 
 impl ResolvesServerCert for SniResolver {
     fn resolve(&self, hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
-        let acme = hello
-            .alpn()
-            .is_some_and(|mut offered| offered.any(|p| p == ACME_TLS_ALPN));
+        // A validator offers acme-tls/1 and nothing else (RFC 8737 §3).
+        let acme = self.acme_alpn
+            && hello.alpn().is_some_and(|offered| {
+                let offered: Vec<&[u8]> = offered.collect();
+                offered == [ACME_TLS_ALPN]
+            });
         if acme {
             // Only the challenge certificate may answer a validator; without one the
             // handshake fails.
