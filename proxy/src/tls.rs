@@ -9,7 +9,7 @@ mod server_stream;
 use std::sync::Arc;
 
 pub use cert_store::{CertLoader, CertStore};
-pub use client::{UpstreamTls, native_roots, roots_from_pem_file};
+pub use client::{UpstreamTls, native_roots, roots_from_pem_file, verifying_client_config};
 pub use resolver::SniResolver;
 pub use server_stream::TlsServerStream;
 

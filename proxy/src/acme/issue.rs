@@ -249,11 +249,8 @@ impl Issuer {
             }
             None => crate::tls::native_roots(),
         };
-        let tls = rustls::ClientConfig::builder_with_provider(crate::tls::crypto_provider())
-            .with_safe_default_protocol_versions()
-            .map_err(|e| AcmeError::Acme(e.to_string()))?
-            .with_root_certificates(roots)
-            .with_no_client_auth();
+        let tls = crate::tls::verifying_client_config(roots)
+            .map_err(|e| AcmeError::Acme(e.to_string()))?;
         let mut http = hyper_util::client::legacy::connect::HttpConnector::new();
         http.set_connect_timeout(Some(CONNECT_TIMEOUT));
         http.enforce_http(false);

@@ -655,30 +655,20 @@ fn validated_base(url: &str) -> Result<String, LeaseError> {
 
 /// Trusts `ca_pem` alone when given (the cluster CA), the system roots otherwise.
 fn client_tls(ca_pem: Option<&[u8]>) -> Result<rustls::ClientConfig, LeaseError> {
-    let mut roots = rustls::RootCertStore::empty();
-    match ca_pem {
+    let roots = match ca_pem {
         Some(pem) => {
+            let mut roots = rustls::RootCertStore::empty();
             for cert in CertificateDer::pem_slice_iter(pem) {
                 roots.add(cert?)?;
             }
             if roots.is_empty() {
                 return Err(LeaseError::NoCaCertificate);
             }
+            roots
         }
-        None => {
-            let native = rustls_native_certs::load_native_certs();
-            for err in &native.errors {
-                tracing::warn!(error = %err, "could not read a system CA certificate");
-            }
-            roots.add_parsable_certificates(native.certs);
-        }
-    }
-    Ok(
-        rustls::ClientConfig::builder_with_provider(crate::tls::crypto_provider())
-            .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])?
-            .with_root_certificates(roots)
-            .with_no_client_auth(),
-    )
+        None => crate::tls::native_roots(),
+    };
+    Ok(crate::tls::verifying_client_config(roots)?)
 }
 
 enum Token {

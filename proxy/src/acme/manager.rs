@@ -236,7 +236,8 @@ impl Manager {
         if plan.next > now {
             return;
         }
-        if let Some(v) = self.dir.stored(domain)
+        let stored = self.dir.stored(domain);
+        if let Some(v) = stored
             && SystemTime::now() < v.renew_at()
         {
             plan.next = instant_at(v.renew_at());
@@ -247,7 +248,7 @@ impl Manager {
         if self.in_flight.len() >= MAX_CONCURRENT {
             return;
         }
-        if !self.has_valid_certificate(domain) {
+        if !valid_now(stored) {
             self.report(domain, CertState::Pending);
         }
         self.in_flight.insert(domain.to_string());
@@ -286,7 +287,7 @@ impl Manager {
                 };
                 plan.next = Instant::now() + wait;
                 tracing::error!(%domain, error = %e, retry_in = ?wait, "certificate not issued");
-                if self.has_valid_certificate(domain) {
+                if valid_now(self.dir.stored(domain)) {
                     // A renewal failed: the current certificate still serves until it expires.
                     return;
                 }
@@ -313,12 +314,6 @@ impl Manager {
         for domain in std::mem::take(&mut self.newly_served) {
             self.report(&domain, CertState::Issued);
         }
-    }
-
-    fn has_valid_certificate(&self, domain: &str) -> bool {
-        self.dir
-            .stored(domain)
-            .is_some_and(|v| SystemTime::now() < v.not_after)
     }
 
     fn report(&self, domain: &str, state: CertState) {
@@ -354,6 +349,11 @@ async fn order_once(
     };
     held.release().await;
     result
+}
+
+/// A stored certificate that has not expired.
+fn valid_now(stored: Option<Validity>) -> bool {
+    stored.is_some_and(|v| SystemTime::now() < v.not_after)
 }
 
 fn backoff(failures: u32) -> Duration {

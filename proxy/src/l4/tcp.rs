@@ -5,9 +5,9 @@ use std::net::SocketAddr;
 use std::os::fd::{AsRawFd, BorrowedFd};
 use std::rc::Rc;
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicU64, Ordering};
 
-use monoio::io::{AsyncWriteRent, AsyncWriteRentExt, Splitable};
+use monoio::io::{AsyncReadRent, AsyncWriteRent, AsyncWriteRentExt, Splitable};
 use monoio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 
@@ -126,41 +126,48 @@ async fn serve(
     let (mut cr, mut cw) = client.into_split();
     let (mut ur, mut uw) = upstream.into_split();
     let counter = &stats.user_space_bytes;
-    let up = async {
-        pump(&mut cr, &mut uw, Vec::new(), Some(counter)).await;
-        if let Some(m) = &mark {
-            // SAFETY: the halves alive in this join keep both descriptors open.
-            let (a, b) = unsafe {
-                (
-                    BorrowedFd::borrow_raw(client_fd),
-                    BorrowedFd::borrow_raw(upstream_fd),
-                )
-            };
-            wait_flushed(|| m.a_to_b_flushed(a, b)).await;
-        }
-        let _ = uw.shutdown().await;
+    // SAFETY: the halves alive in this join keep both descriptors open.
+    let (a, b) = unsafe {
+        (
+            BorrowedFd::borrow_raw(client_fd),
+            BorrowedFd::borrow_raw(upstream_fd),
+        )
     };
-    let down = async {
-        pump(&mut ur, &mut cw, Vec::new(), Some(counter)).await;
-        if let Some(m) = &mark {
-            // SAFETY: as above.
-            let (a, b) = unsafe {
-                (
-                    BorrowedFd::borrow_raw(client_fd),
-                    BorrowedFd::borrow_raw(upstream_fd),
-                )
-            };
-            wait_flushed(|| m.b_to_a_flushed(a, b)).await;
-        }
-        let _ = cw.shutdown().await;
-    };
-    monoio::join!(up, down);
+    monoio::join!(
+        one_way(
+            &mut cr,
+            &mut uw,
+            counter,
+            mark.as_ref().map(|m| move || m.a_to_b_flushed(a, b)),
+        ),
+        one_way(
+            &mut ur,
+            &mut cw,
+            counter,
+            mark.as_ref().map(|m| move || m.b_to_a_flushed(a, b)),
+        ),
+    );
+}
+
+/// One direction: copies until its source ends, lets the kernel pass on what it spliced (when
+/// spliced), then shuts the destination's write side.
+async fn one_way<R: AsyncReadRent, W: AsyncWriteRent>(
+    from: &mut R,
+    to: &mut W,
+    counter: &AtomicU64,
+    spliced_flushed: Option<impl Fn() -> Result<bool, EbpfError>>,
+) {
+    pump(from, to, Vec::new(), Some(counter)).await;
+    if let Some(flushed) = spliced_flushed {
+        wait_flushed(flushed).await;
+    }
+    let _ = to.shutdown().await;
 }
 
 /// The kernel sends spliced bytes on its own schedule: after one side ended, the other side's
 /// write direction is shut only once everything that arrived has been passed on (or the wait
 /// gives up: a peer that stopped reading cannot hold the connection forever).
-async fn wait_flushed(flushed: impl Fn() -> Result<bool, crate::ebpf::EbpfError>) {
+async fn wait_flushed(flushed: impl Fn() -> Result<bool, EbpfError>) {
     const GIVE_UP: std::time::Duration = std::time::Duration::from_secs(60);
     let started = monoio::time::Instant::now();
     let mut pause = std::time::Duration::from_micros(200);

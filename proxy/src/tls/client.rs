@@ -17,12 +17,8 @@ pub struct UpstreamTls {
 
 impl UpstreamTls {
     pub fn new() -> Result<Self, TlsSetupError> {
-        let roots = native_roots();
         let provider = crypto_provider();
-        let mut verified = ClientConfig::builder_with_provider(provider.clone())
-            .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])?
-            .with_root_certificates(roots)
-            .with_no_client_auth();
+        let mut verified = verifying_client_config(native_roots())?;
         verified.alpn_protocols = vec![ALPN_HTTP1.to_vec()];
         let mut unverified = ClientConfig::builder_with_provider(provider.clone())
             .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])?
@@ -39,6 +35,17 @@ impl UpstreamTls {
             unverified: Arc::new(unverified),
         })
     }
+}
+
+/// A TLS 1.3/1.2 client that verifies servers against `roots` (targets, the ACME directory,
+/// the Kubernetes API server).
+pub fn verifying_client_config(
+    roots: rustls::RootCertStore,
+) -> Result<ClientConfig, rustls::Error> {
+    Ok(ClientConfig::builder_with_provider(crypto_provider())
+        .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])?
+        .with_root_certificates(roots)
+        .with_no_client_auth())
 }
 
 /// The system's CA certificates; unreadable ones are logged and skipped.
