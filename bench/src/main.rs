@@ -8,6 +8,10 @@
 //! The L4 part (`l4`) does the same for TCP and UDP proxying (iperf3 through Portcullis with and
 //! without the kernel splice, HAProxy and nginx's stream module) and compares Portcullis's XDP
 //! filter with nftables at dropping a flood, in network namespaces of its own.
+//!
+//! The mesh part (`mesh`) sends one TCP stream and HTTPS requests through Portcullis over its
+//! WireGuard mesh (TUN and in-process backends) to a target behind a real agent, against the same
+//! traffic over a plain wireguard-go tunnel.
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -21,6 +25,7 @@ mod client;
 mod contestants;
 mod l4;
 mod machine;
+mod mesh;
 mod process;
 mod report;
 mod workloads;
@@ -28,6 +33,7 @@ mod wrk;
 
 use contestants::{Contestant, Kind, Placement, Settings};
 use l4::L4Workload;
+use mesh::MeshWorkload;
 use report::Report;
 use workloads::{Effort, Workload};
 
@@ -72,8 +78,9 @@ struct Args {
     #[arg(long)]
     quick: bool,
     /// Workloads to run (comma separated). HTTP: https-keepalive, tls-handshake,
-    /// large-response, idle-tls, http-keepalive. L4: l4-tcp, l4-udp, xdp-drop. Default: all.
-    /// When only one part (HTTP or L4) runs, the other part of the existing report is kept.
+    /// large-response, idle-tls, http-keepalive. L4: l4-tcp, l4-udp, xdp-drop. Mesh: mesh-tcp,
+    /// mesh-https. Default: all. The parts (HTTP, L4, mesh) not run keep their place in the
+    /// existing report.
     #[arg(long, value_delimiter = ',')]
     workloads: Vec<String>,
     /// Measure nothing: rewrite `<stem>.md` (and the targets in `<stem>.json`) from the existing
@@ -139,7 +146,7 @@ fn run(mut args: Args) -> Result<()> {
         args.idle_connections = args.idle_connections.min(500);
         args.out = args.work_dir.join("report");
     }
-    let (http, l4_selected) = select(&args.workloads)?;
+    let (http, l4_selected, mesh_selected) = select(&args.workloads)?;
     if args.rounds == 0 {
         bail!("--rounds must be at least 1");
     }
@@ -148,6 +155,9 @@ fn run(mut args: Args) -> Result<()> {
         tools.extend(["nginx", "haproxy", "wrk", "taskset"]);
     }
     for w in &l4_selected {
+        tools.extend(w.tools());
+    }
+    for w in &mesh_selected {
         tools.extend(w.tools());
     }
     for tool in tools {
@@ -159,8 +169,10 @@ fn run(mut args: Args) -> Result<()> {
             args.portcullis.display()
         )
     })?;
-    // A run of one part keeps the other part of the report it replaces.
-    let mut report = if args.quick || (!http.is_empty() && !l4_selected.is_empty()) {
+    // A run of some parts keeps the other parts of the report it replaces.
+    let mut report = if args.quick
+        || (!http.is_empty() && !l4_selected.is_empty() && !mesh_selected.is_empty())
+    {
         Report::default()
     } else {
         let path = args.out.join(format!("{}.json", args.stem));
@@ -202,6 +214,31 @@ fn run(mut args: Args) -> Result<()> {
         };
         report.l4 = Some(l4::run(&l4_selected, &settings, machine)?);
     }
+    if !mesh_selected.is_empty() {
+        let mesh_placement = placement_text
+            .replace(
+                "each proxy alone",
+                "each proxy (with its wireguard-go) and the baseline's edge wireguard-go alone",
+            )
+            .replace(
+                "wrk and the backend",
+                "iperf3, wrk, the agent, the site's wireguard-go and the targets",
+            );
+        let machine = machine::describe(&portcullis_bin, mesh_placement);
+        let script = wrk::write_script(&work)?;
+        let settings = mesh::Settings {
+            dir: &work,
+            portcullis_bin: &portcullis_bin,
+            placement: &placement,
+            effort: mesh::report::MeshEffort {
+                rounds: args.rounds,
+                duration: args.duration,
+                warmup: args.warmup,
+            },
+            script: &script,
+        };
+        report.mesh = Some(mesh::run(&mesh_selected, &settings, machine)?);
+    }
     report::write(&args.out, &args.stem, &mut report)?;
     eprintln!(
         "bench: done in {:.0?}; report in {}",
@@ -209,10 +246,17 @@ fn run(mut args: Args) -> Result<()> {
         args.out.join(format!("{}.md", args.stem)).display()
     );
     print!("{}", report::markdown(&report));
-    let failures = report.l4.as_ref().map(|r| r.failures()).unwrap_or_default();
+    let mut failures = report.l4.as_ref().map(|r| r.failures()).unwrap_or_default();
+    failures.extend(
+        report
+            .mesh
+            .as_ref()
+            .map(|r| r.failures())
+            .unwrap_or_default(),
+    );
     if !failures.is_empty() {
         bail!(
-            "{} L4 run(s) failed (the report has the figures of the rest):\n  {}",
+            "{} L4 or mesh run(s) failed (the report has the figures of the rest):\n  {}",
             failures.len(),
             failures.join("\n  ")
         );
@@ -220,27 +264,36 @@ fn run(mut args: Args) -> Result<()> {
     Ok(())
 }
 
-/// The HTTP and L4 workloads named (all of both when none is).
-fn select(names: &[String]) -> Result<(Vec<Workload>, Vec<L4Workload>)> {
+type Selected = (Vec<Workload>, Vec<L4Workload>, Vec<MeshWorkload>);
+
+/// The HTTP, L4 and mesh workloads named (all of them when none is).
+fn select(names: &[String]) -> Result<Selected> {
     if names.is_empty() {
-        return Ok((workloads::ALL.to_vec(), l4::ALL.to_vec()));
+        return Ok((
+            workloads::ALL.to_vec(),
+            l4::ALL.to_vec(),
+            mesh::ALL.to_vec(),
+        ));
     }
-    let (mut http, mut l4) = (Vec::new(), Vec::new());
+    let (mut http, mut l4, mut mesh) = (Vec::new(), Vec::new(), Vec::new());
     for name in names {
         if let Some(w) = Workload::parse(name) {
             http.push(w);
         } else if let Some(w) = L4Workload::parse(name) {
             l4.push(w);
+        } else if let Some(w) = MeshWorkload::parse(name) {
+            mesh.push(w);
         } else {
             let known: Vec<&str> = workloads::ALL
                 .iter()
                 .map(|w| w.id())
                 .chain(l4::ALL.iter().map(|w| w.id()))
+                .chain(mesh::ALL.iter().map(|w| w.id()))
                 .collect();
             bail!("unknown workload {name:?}; known: {}", known.join(", "));
         }
     }
-    Ok((http, l4))
+    Ok((http, l4, mesh))
 }
 
 /// The HTTP workloads (issue #4) against Portcullis, nginx and HAProxy.

@@ -30,6 +30,9 @@ pub struct Report {
     pub targets: Vec<Target>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub l4: Option<L4Report>,
+    /// The mesh part (issue #8).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mesh: Option<crate::mesh::report::MeshReport>,
 }
 
 impl Report {
@@ -282,6 +285,9 @@ pub fn write(dir: &Path, stem: &str, report: &mut Report) -> Result<()> {
     if let Some(l4) = report.l4.as_mut() {
         l4.targets = l4.compute_targets();
     }
+    if let Some(mesh) = report.mesh.as_mut() {
+        mesh.targets = mesh.compute_targets();
+    }
     let json = serde_json::to_string_pretty(report)?;
     std::fs::write(dir.join(format!("{stem}.json")), json + "\n")?;
     std::fs::write(dir.join(format!("{stem}.md")), markdown(report))?;
@@ -325,6 +331,9 @@ pub fn markdown(report: &Report) -> String {
     }
     if let Some(l4) = &report.l4 {
         crate::l4::report::markdown(&mut s, l4);
+    }
+    if let Some(mesh) = &report.mesh {
+        crate::mesh::report::markdown(&mut s, mesh);
     }
     s
 }

@@ -1,7 +1,11 @@
-//! The gRPC `ProxyService` that proxies dial: mapping streams and status updates.
+//! The gRPC `ProxyService` that proxies dial: mapping streams and status updates; the mesh
+//! services `ProxyMesh` (proxies) and `Agent` (`portcullis agent`).
 //! The proxy token travels as `authorization: Bearer <token>` metadata on every call.
 
+mod agent;
 mod mappings;
+mod mesh;
+mod proxy_peers;
 
 use std::time::Duration;
 
@@ -12,7 +16,9 @@ use tonic::{Request, Response, Status, Streaming};
 use crate::events::ChangeBus;
 use crate::store::{ProxyToken, ServiceStatus, Store};
 
+pub use agent::AgentService;
 pub use mappings::BATCH_SIZE;
+pub use mesh::MESH_REFRESH;
 
 #[derive(Clone)]
 pub struct ProxyServiceImpl {
@@ -144,9 +150,11 @@ impl ProxyService for ProxyServiceImpl {
 
     async fn create_proxy_peer(
         &self,
-        _request: Request<CreateProxyPeerRequest>,
+        request: Request<CreateProxyPeerRequest>,
     ) -> Result<Response<CreateProxyPeerResponse>, Status> {
-        Err(not_yet("CreateProxyPeer"))
+        proxy_peers::create_proxy_peer(self, request)
+            .await
+            .map(Response::new)
     }
 
     async fn get_oidcurl(

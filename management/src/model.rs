@@ -285,13 +285,17 @@ fn validate_target(i: usize, t: &TargetSpec, mode: &str) -> Result<(), Invalid> 
         ));
     }
     let host = t.host.as_deref().unwrap_or("").trim();
-    if host.is_empty() {
+    // With a target_id naming a peer or resource, the host comes from it (checked against the
+    // store by `Store::resolve_targets`).
+    let resolvable = !t.target_id.trim().is_empty() && t.target_type != "cluster";
+    if host.is_empty() && !resolvable {
         return invalid(format!(
             "targets[{i}]: host is required (the peer or resource address)"
         ));
     }
-    if host.contains(['/', ' ', '?', '#', '@'])
-        || host.parse::<std::net::IpAddr>().is_err() && !is_valid_domain(host)
+    if !host.is_empty()
+        && (host.contains(['/', ' ', '?', '#', '@'])
+            || host.parse::<std::net::IpAddr>().is_err() && !is_valid_domain(host))
     {
         return invalid(format!(
             "targets[{i}]: host {host:?} is not an IP address or DNS name"
@@ -435,12 +439,29 @@ pub fn spec_of(record: &ServiceRecord) -> Result<ServiceSpec, String> {
     serde_json::from_str(&record.spec).map_err(|e| format!("stored spec is not valid: {e}"))
 }
 
-/// The mapping a proxy receives for a stored service.
+/// The mapping a proxy receives for a stored service, with hosts as written.
 pub fn to_mapping(record: &ServiceRecord) -> Result<ProxyMapping, String> {
+    to_mapping_with(record, &[])
+}
+
+/// The mapping a proxy receives for a stored service; `hosts[i]`, when `Some`, replaces the
+/// host of target `i` (a peer's tunnel IP or a resource's address, from
+/// `Store::resolve_targets`).
+pub fn to_mapping_with(
+    record: &ServiceRecord,
+    hosts: &[Option<String>],
+) -> Result<ProxyMapping, String> {
     let spec = spec_of(record)?;
     let mut path = Vec::new();
-    for t in spec.targets.iter().filter(|t| t.enabled) {
-        let host = t.host.as_deref().unwrap_or("unknown");
+    for (i, t) in spec.targets.iter().enumerate().filter(|(_, t)| t.enabled) {
+        let host = match hosts.get(i) {
+            Some(Some(h)) => h.as_str(),
+            _ => t
+                .host
+                .as_deref()
+                .filter(|h| !h.is_empty())
+                .unwrap_or("unknown"),
+        };
         let host = if host.contains(':') {
             format!("[{host}]")
         } else {
@@ -516,6 +537,24 @@ mod tests {
         serde_json::from_value::<ServiceRequest>(json)
             .unwrap()
             .validate()
+    }
+
+    #[test]
+    fn a_peer_target_needs_no_host_but_a_plain_one_does() {
+        let body = |target: serde_json::Value| serde_json::json!({"name": "s", "domain": "s.example", "targets": [target]});
+        let peer = request(body(serde_json::json!({
+            "target_id": "p1", "target_type": "peer", "protocol": "http", "port": 8080
+        })));
+        assert!(peer.is_ok(), "{:?}", peer.err());
+        let bare = request(body(serde_json::json!({
+            "target_type": "host", "protocol": "http", "port": 8080
+        })));
+        assert!(bare.is_err_and(|e| e.0.contains("host is required")));
+        let bad = request(body(serde_json::json!({
+            "target_id": "p1", "target_type": "peer", "protocol": "http", "port": 8080,
+            "host": "a b"
+        })));
+        assert!(bad.is_err_and(|e| e.0.contains("not an IP address")));
     }
 
     #[test]

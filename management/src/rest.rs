@@ -1,7 +1,12 @@
 //! The REST API for people: `Authorization: Token <PAT>`; NetBird's paths and JSON shapes;
 //! errors as `{"message", "code"}`.
 
+mod peers;
+mod resources;
 mod services;
+mod setup_keys;
+
+pub use peers::{PRIVATE_KEY_PLACEHOLDER, render_wg_quick};
 
 use axum::extract::{FromRequestParts, Path, State};
 use axum::http::StatusCode;
@@ -46,6 +51,20 @@ pub fn router(state: AppState) -> Router {
                 .put(services::update)
                 .delete(services::remove),
         )
+        .route(
+            "/api/setup-keys",
+            get(setup_keys::list).post(setup_keys::create),
+        )
+        .route("/api/setup-keys/{id}", delete(setup_keys::revoke))
+        .route("/api/peers", get(peers::list).post(peers::create))
+        .route("/api/peers/{id}", get(peers::get_one).delete(peers::remove))
+        .route("/api/peers/{id}/wg-quick", get(peers::wg_quick))
+        .route(
+            "/api/networks/resources",
+            get(resources::list).post(resources::create),
+        )
+        .route("/api/networks/resources/{id}", delete(resources::remove))
+        .route("/api/mesh", get(peers::get_mesh).put(peers::put_mesh))
         .route("/api/users", get(list_users).post(create_user))
         .route("/api/users/{id}/tokens", post(create_pat))
         .with_state(state)

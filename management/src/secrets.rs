@@ -1,5 +1,6 @@
 //! Secrets handed to people and proxies: random ids, proxy tokens (`nbx_…`), personal access
-//! tokens (`nbp_…`). Only a SHA-256 hash of a token is ever stored; the plain token is shown once.
+//! tokens (`nbp_…`), setup keys (`pcs_…`), peer tokens (`pcp_…`), one-time proxy-peer tokens
+//! (`pco_…`). Only a SHA-256 hash of a token is ever stored; the plain token is shown once.
 
 use base64::Engine;
 use ring::rand::{SecureRandom, SystemRandom};
@@ -13,6 +14,12 @@ const CHECKSUM_LEN: usize = 6;
 
 pub const PROXY_TOKEN_PREFIX: &str = "nbx_";
 pub const PAT_PREFIX: &str = "nbp_";
+/// Setup keys with which agents join an account's mesh.
+pub const SETUP_KEY_PREFIX: &str = "pcs_";
+/// Peer tokens an agent authenticates its `Agent.Sync` stream with.
+pub const PEER_TOKEN_PREFIX: &str = "pcp_";
+/// One-time tokens in `ProxyMapping.auth_token`, for `CreateProxyPeer`.
+pub const PROXY_PEER_TOKEN_PREFIX: &str = "pco_";
 
 fn random_base62(len: usize) -> String {
     let rng = SystemRandom::new();

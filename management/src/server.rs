@@ -3,11 +3,13 @@
 use std::net::SocketAddr;
 use std::time::Duration;
 
+use proto::mesh::agent_server::AgentServer;
+use proto::mesh::proxy_mesh_server::ProxyMeshServer;
 use proto::proxy_service_server::ProxyServiceServer;
 use tokio::net::TcpListener;
 
 use crate::events::ChangeBus;
-use crate::grpc::ProxyServiceImpl;
+use crate::grpc::{AgentService, ProxyServiceImpl};
 use crate::rest::{self, AppState};
 use crate::store::{Store, StoreError};
 
@@ -86,6 +88,10 @@ impl Management {
             bus: self.bus.clone(),
             heartbeat: self.heartbeat,
         };
+        let agent = AgentService {
+            store: self.store.clone(),
+            bus: self.bus.clone(),
+        };
         let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
         tokio::spawn(async move {
             shutdown.await;
@@ -101,6 +107,8 @@ impl Management {
         let grpc = builder
             .http2_keepalive_interval(Some(Duration::from_secs(20)))
             .http2_keepalive_timeout(Some(Duration::from_secs(20)))
+            .add_service(ProxyMeshServer::new(svc.clone()))
+            .add_service(AgentServer::new(agent))
             .add_service(ProxyServiceServer::new(svc))
             .serve_with_incoming_shutdown(
                 tokio_stream::wrappers::TcpListenerStream::new(self.grpc),

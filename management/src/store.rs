@@ -4,8 +4,11 @@
 
 mod accounts;
 mod clusters;
+mod mesh_peers;
 mod proxy_tokens;
+mod resources;
 mod services;
+mod setup_keys;
 
 use std::time::{SystemTime, UNIX_EPOCH};
 
@@ -14,8 +17,14 @@ use sqlx::{AnyPool, Executor};
 
 pub use accounts::{Account, Role, User};
 pub use clusters::{ClusterInfo, ClusterKind, RegisterError};
+pub use mesh_peers::{
+    Cidr, DEFAULT_TUNNEL_RANGE, MeshPeer, NewPeer, PeerKind, generate_wg_keypair, host_route,
+    is_wg_key,
+};
 pub use proxy_tokens::ProxyToken;
+pub use resources::{ResolveError, Resource, ResourceKind};
 pub use services::{ServiceRecord, ServiceStatus};
+pub use setup_keys::{RegisterAgentError, Registration, SetupKey, SetupKeyType};
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -122,6 +131,19 @@ fn is_unique_violation(e: &sqlx::Error) -> bool {
         }
         _ => false,
     }
+}
+
+/// A fresh store in a temporary SQLite file, for unit tests.
+#[cfg(test)]
+pub(crate) async fn test_store() -> Store {
+    let path = std::env::temp_dir().join(format!(
+        "portcullis-mgmt-test-{}-{}.db",
+        std::process::id(),
+        crate::secrets::new_id()
+    ));
+    Store::open(&format!("sqlite://{}", path.display()))
+        .await
+        .expect("test store")
 }
 
 #[cfg(test)]

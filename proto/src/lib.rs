@@ -16,3 +16,10 @@ pub mod management {
 }
 
 pub use management::*;
+
+/// Code generated from `proto/portcullis_mesh.proto`: our WireGuard mesh extension (separate
+/// services, so a NetBird management answers `UNIMPLEMENTED`).
+#[allow(clippy::all, clippy::pedantic)]
+pub mod mesh {
+    tonic::include_proto!("portcullis.mesh.v1");
+}

@@ -28,6 +28,8 @@ pub enum Command {
     Up(UpArgs),
     /// Run or administer a management server (accounts, tokens, clusters, services).
     Management(crate::management_cli::ManagementArgs),
+    /// Join an account's WireGuard mesh from a machine that runs targets (or routes to them).
+    Agent(crate::agent::AgentArgs),
 }
 
 /// `portcullis up`: a one-machine demo with no setup.
@@ -258,6 +260,9 @@ pub struct ProxyArgs {
     pub acme: AcmeArgs,
 
     #[command(flatten)]
+    pub mesh: MeshArgs,
+
+    #[command(flatten)]
     pub not_yet: NotYetSupported,
 }
 
@@ -323,6 +328,34 @@ pub struct AcmeArgs {
     pub lock_method: String,
 }
 
+/// The WireGuard mesh through which targets on peers and private networks are reached.
+#[derive(Debug, Args, Clone)]
+#[command(next_help_heading = "WireGuard mesh")]
+pub struct MeshArgs {
+    /// How the proxy joins each account's WireGuard mesh: `auto` (kernel WireGuard, else
+    /// `wireguard-go` on a TUN device when the process has CAP_NET_ADMIN, else in-process),
+    /// `kernel`, `tun`, `in-process` (no privilege needed), or `off` (targets are always dialed
+    /// directly).
+    #[arg(
+        long = "mesh-backend",
+        env = "PORTCULLIS_MESH_BACKEND",
+        default_value = "auto"
+    )]
+    pub backend: String,
+    /// WireGuard listen port (UDP) while the proxy serves one account; 0 = random. Every further
+    /// account gets a random port; the ports are reported to management, which tells the peers.
+    #[arg(long = "wg-port", env = "NB_PROXY_WG_PORT", default_value = "0")]
+    pub wg_port: String,
+    /// The host (IP or DNS name) peers dial to reach this proxy's WireGuard. Empty: the address
+    /// management sees this proxy's connection come from.
+    #[arg(
+        long = "wg-endpoint-host",
+        env = "PORTCULLIS_WG_ENDPOINT_HOST",
+        default_value = ""
+    )]
+    pub endpoint_host: String,
+}
+
 /// NetBird settings accepted so that existing env files work, but not acted on yet.
 /// Each one that is set is named once in the log at start.
 #[derive(Debug, Args, Clone, Default)]
@@ -330,8 +363,6 @@ pub struct AcmeArgs {
 pub struct NotYetSupported {
     #[arg(long = "proxy-protocol", env = "NB_PROXY_PROXY_PROTOCOL")]
     pub proxy_protocol: Option<String>,
-    #[arg(long = "wg-port", env = "NB_PROXY_WG_PORT")]
-    pub wg_port: Option<String>,
     #[arg(
         long = "preshared-key",
         env = "NB_PROXY_PRESHARED_KEY",
@@ -361,9 +392,8 @@ pub struct NotYetSupported {
 impl NotYetSupported {
     /// Names of the settings that were given a value.
     pub fn set_names(&self) -> Vec<&'static str> {
-        let all: [(&'static str, &Option<String>); 10] = [
+        let all: [(&'static str, &Option<String>); 9] = [
             ("NB_PROXY_PROXY_PROTOCOL", &self.proxy_protocol),
-            ("NB_PROXY_WG_PORT", &self.wg_port),
             ("NB_PROXY_PRESHARED_KEY", &self.preshared_key),
             ("NB_PROXY_REQUIRE_SUBDOMAIN", &self.require_subdomain),
             ("NB_PROXY_PRIVATE", &self.private),

@@ -87,6 +87,7 @@ pub struct ProxyConfig {
     pub l4_splice: bool,
     /// None when ACME is off.
     pub acme: Option<crate::acme::AcmeSettings>,
+    pub mesh: crate::mesh::MeshSettings,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -228,6 +229,7 @@ impl ProxyConfig {
                 .collect(),
             l4_splice,
             acme: crate::acme::AcmeSettings::from_args(&args.acme)?,
+            mesh: crate::mesh::MeshSettings::from_args(&args.mesh)?,
         })
     }
 }

@@ -83,7 +83,25 @@ pub async fn run(
         tokio::spawn(crate::acme::manager::run(settings, prepared, parts));
     }
     if let Some(link) = management {
-        tokio::spawn(management::run(shared.clone(), link, sources, events_rx));
+        let (tokens_tx, tokens_rx) = tokio::sync::watch::channel(Default::default());
+        // Bounded like the certificate events: a lost event is repaired by the next sync.
+        let (mesh_tx, mesh_rx) = tokio::sync::mpsc::channel(256);
+        let events = management::StatusEvents {
+            certificates: events_rx,
+            mesh: mesh_rx,
+            tokens: tokens_tx,
+        };
+        let mesh_inputs = crate::mesh::MeshInputs {
+            tokens: tokens_rx,
+            status_events: mesh_tx,
+        };
+        tokio::spawn(crate::mesh::control::run(
+            shared.clone(),
+            link.clone(),
+            shared.config.mesh.clone(),
+            mesh_inputs,
+        ));
+        tokio::spawn(management::run(shared.clone(), link, sources, events));
     }
 
     let (mut term, mut int) = match (

@@ -1,6 +1,7 @@
 //! The data plane: one monoio runtime per worker thread (io_uring, epoll as fallback), each with
 //! its own `SO_REUSEPORT` listeners, upstream pool and route-table snapshot.
 
+pub mod connect;
 pub mod inbuf;
 pub mod listener;
 pub mod pump;
@@ -172,7 +173,7 @@ async fn worker_main(
     let ctx = Rc::new(WorkerCtx {
         id,
         shared: shared.clone(),
-        dialer: Dialer::new(tls),
+        dialer: Dialer::new(tls, shared.mesh.clone()),
         routes,
     });
     let server_tls = shared.tls.clone();

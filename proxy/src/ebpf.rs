@@ -17,7 +17,7 @@
 mod error;
 mod object;
 mod ports;
-mod privileges;
+pub(crate) mod privileges;
 mod splice;
 mod sys;
 mod xdp;

@@ -46,6 +46,7 @@ pub fn report(shared: &Shared) -> serde_json::Value {
             "xdp": shared.xdp_counters(),
         },
         "acme": shared.config.acme.as_ref().map(|_| shared.acme_board.snapshot()),
+        "mesh": shared.mesh_health.lock().map(|h| h.clone()).unwrap_or_default(),
     })
 }
 

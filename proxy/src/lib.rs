@@ -4,6 +4,7 @@
 //! serves health), `dataplane` (monoio workers), `http` (HTTP/1.1 proxying), `tls`, `routes`.
 
 pub mod acme;
+pub mod agent;
 pub mod cli;
 pub mod config;
 pub mod control;
@@ -15,6 +16,7 @@ pub mod l4;
 pub mod logging;
 pub mod management_cli;
 pub mod mappings_file;
+pub mod mesh;
 pub mod proxy_main;
 pub mod routes;
 pub mod state;

@@ -12,6 +12,10 @@ fn main() -> std::process::ExitCode {
             portcullis::logging::init("info", "text");
             portcullis::management_cli::run(args).map_err(anyhow::Error::from)
         }
+        Command::Agent(args) => {
+            portcullis::logging::init(&args.log_level, "text");
+            portcullis::agent::run(args).map_err(anyhow::Error::from)
+        }
         Command::Up(args) => {
             portcullis::logging::init("info", "text");
             portcullis::up::run(args).map_err(anyhow::Error::from)

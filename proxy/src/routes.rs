@@ -52,6 +52,8 @@ pub struct PathRoute {
     pub request_timeout: Option<Duration>,
     /// Set on the upstream request, replacing any client header of the same name.
     pub custom_headers: Vec<(String, String)>,
+    /// Dialed directly even when the account's mesh carries the address.
+    pub direct_upstream: bool,
 }
 
 /// A published HTTP service.
@@ -109,6 +111,32 @@ impl RouteTable {
         table.l4 = l4;
         report.skipped.extend(refused);
         (table, report)
+    }
+
+    /// Every (account, address) a worker may dial through a mesh: IP-literal targets of HTTP and
+    /// L4 TCP services that are not `direct_upstream`. The in-process mesh opens a bridge for each.
+    pub fn mesh_targets(&self) -> Vec<(String, std::net::SocketAddr)> {
+        let mut out = Vec::new();
+        for service in self.exact.values().chain(self.wildcard.values()) {
+            for route in service.routes.iter().filter(|r| !r.direct_upstream) {
+                if let Some(addr) = route.target.socket_addr() {
+                    out.push((service.account_id.clone(), addr));
+                }
+            }
+        }
+        for (transport, port) in self.l4.ports() {
+            if transport != Transport::Tcp {
+                continue;
+            }
+            for service in self.l4.services_on(transport, port) {
+                if let (false, Some(addr)) = (service.direct_upstream, service.target.addr) {
+                    out.push((service.account_id.clone(), addr));
+                }
+            }
+        }
+        out.sort();
+        out.dedup();
+        out
     }
 
     fn insert(&mut self, service: Arc<Service>) {
@@ -182,6 +210,7 @@ impl Service {
                 skip_tls_verify: opts.skip_tls_verify,
                 request_timeout,
                 custom_headers,
+                direct_upstream: opts.direct_upstream,
             });
         }
         routes.sort_by_key(|r| std::cmp::Reverse(r.prefix.len()));

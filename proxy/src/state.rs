@@ -31,6 +31,10 @@ pub struct Shared {
     pub acme_challenges: Arc<crate::acme::Challenges>,
     /// Each ACME domain's certificate state.
     pub acme_board: crate::acme::AcmeBoard,
+    /// Which target addresses each account's WireGuard mesh carries, and how.
+    pub mesh: Arc<crate::mesh::MeshTable>,
+    /// The mesh backend and accounts, for `/healthz`.
+    pub mesh_health: std::sync::Mutex<serde_json::Value>,
 }
 
 /// Counters and flags for health reporting.
@@ -83,6 +87,10 @@ impl Shared {
             fast_path: std::sync::Mutex::new(None),
             acme_challenges,
             acme_board: crate::acme::AcmeBoard::default(),
+            mesh: Arc::default(),
+            mesh_health: std::sync::Mutex::new(
+                serde_json::json!({"backend": "off: no management connection"}),
+            ),
         }
     }
 

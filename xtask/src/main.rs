@@ -23,6 +23,12 @@ const APT_PACKAGES: &[(&str, &str)] = &[
     // Let's Encrypt's ACME test server (`pebble`, with `pebble-challtestsrv` as its DNS) for
     // the ACME tests: `tests/src/pebble.rs`.
     ("pebble", "pebble"),
+    // The WireGuard mesh: the TUN backend and the agent run `wireguard-go`; a stock peer is
+    // `wg`/`wg-quick`; namespaces and NAT need `ip` and `nft`: `tests/tests/mesh*.rs`.
+    ("wireguard-go", "wireguard-go"),
+    ("wireguard-tools", "wg"),
+    ("iproute2", "ip"),
+    ("nftables", "nft"),
 ];
 
 /// Debian packages the benchmark harness uses: the peers, the load generator, pinning.
@@ -40,6 +46,10 @@ const BENCH_APT_PACKAGES: &[(&str, &str)] = &[
     ),
     ("iproute2", "ip"),
     ("nftables", "nft"),
+    // The mesh workloads: wireguard-go at both ends of the baseline tunnel and in the proxy's
+    // TUN backend and the agent; `wg` configures the baseline.
+    ("wireguard-go", "wireguard-go"),
+    ("wireguard-tools", "wg"),
 ];
 
 fn main() -> ExitCode {

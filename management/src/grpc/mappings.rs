@@ -191,21 +191,22 @@ async fn serve<S: BatchSink>(
             tracing::error!(error = %e, "snapshot query failed");
             Status::unavailable("management store unavailable")
         })?;
-    let snapshot: Vec<ProxyMapping> = records
-        .iter()
-        .filter_map(|r| match model::to_mapping(r) {
-            Ok(m) => Some(m),
+    let mut snapshot: Vec<ProxyMapping> = Vec::with_capacity(records.len());
+    for r in &records {
+        match svc.store.mapping_for(r).await {
+            Ok(m) => snapshot.push(m),
             Err(e) => {
                 tracing::error!(service = %r.id, error = %e, "service left out of the snapshot");
-                None
             }
-        })
-        .collect();
+        }
+    }
     let batches = snapshot.len().div_ceil(BATCH_SIZE).max(1);
     let mut rest = snapshot;
     for i in 0..batches {
         let take = rest.len().min(BATCH_SIZE);
-        let batch: Vec<ProxyMapping> = rest.drain(..take).collect();
+        let mut batch: Vec<ProxyMapping> = rest.drain(..take).collect();
+        super::proxy_peers::attach_tokens(&svc.store, &peer.cluster, &peer.proxy_id, &mut batch)
+            .await;
         if sink.deliver(batch, i + 1 == batches).await.is_err() {
             return Ok(());
         }
@@ -239,6 +240,8 @@ async fn serve<S: BatchSink>(
                         Err(_) => break,
                     }
                 }
+                super::proxy_peers::attach_tokens(&svc.store, &peer.cluster, &peer.proxy_id, &mut batch)
+                    .await;
                 if !batch.is_empty() && sink.deliver(batch, false).await.is_err() {
                     return Ok(());
                 }

@@ -10,7 +10,7 @@ use super::{ApiError, ApiResult, AppState, Caller, JsonBody, rfc3339};
 use crate::events::ServiceEvent;
 use crate::model::{self, ServiceRequest};
 use crate::secrets;
-use crate::store::{ServiceRecord, ServiceStatus, now};
+use crate::store::{ResolveError, ServiceRecord, ServiceStatus, now};
 
 fn service_json(r: &ServiceRecord) -> serde_json::Value {
     let spec = model::spec_of(r).unwrap_or_default();
@@ -63,6 +63,11 @@ async fn prepare(
     req: ServiceRequest,
 ) -> ApiResult<(model::ValidService, String)> {
     let valid = req.validate().map_err(|e| ApiError::unprocessable(e.0))?;
+    match st.store.resolve_targets(account, &valid.spec.targets).await {
+        Ok(_) => {}
+        Err(ResolveError::Invalid(m)) => return Err(ApiError::unprocessable(m)),
+        Err(ResolveError::Store(e)) => return Err(e.into()),
+    }
     let clusters: Vec<String> = st
         .store
         .visible_clusters(account)
@@ -145,7 +150,8 @@ pub async fn create(
             &st,
             &record,
             proto::ProxyMappingUpdateType::UpdateTypeCreated,
-        );
+        )
+        .await;
     }
     tracing::info!(service = %record.id, domain = %record.domain, cluster = %record.cluster_address, "service created");
     Ok(Json(service_json(&record)))
@@ -184,7 +190,7 @@ pub async fn update(
         } else {
             proto::ProxyMappingUpdateType::UpdateTypeCreated
         };
-        announce(&st, &new, kind);
+        announce(&st, &new, kind).await;
     }
     Ok(Json(service_json(&new)))
 }
@@ -206,8 +212,8 @@ pub async fn remove(
     Ok(Json(json!({})))
 }
 
-fn announce(st: &AppState, r: &ServiceRecord, kind: proto::ProxyMappingUpdateType) {
-    match model::to_mapping(r) {
+async fn announce(st: &AppState, r: &ServiceRecord, kind: proto::ProxyMappingUpdateType) {
+    match st.store.mapping_for(r).await {
         Ok(mut mapping) => {
             mapping.r#type = kind as i32;
             st.bus.publish(ServiceEvent {

@@ -15,7 +15,7 @@ use proto::{
     SendStatusUpdateRequest, SyncMappingsAck, SyncMappingsInit, SyncMappingsRequest,
     sync_mappings_request,
 };
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, watch};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::metadata::MetadataValue;
 use tonic::transport::{Channel, ClientTlsConfig, Endpoint};
@@ -107,7 +107,12 @@ impl ManagementLink {
         })
     }
 
-    fn authorized<T>(&self, msg: T) -> Request<T> {
+    /// The management endpoint, for the other gRPC services of ours (the mesh).
+    pub(crate) fn endpoint(&self) -> &Endpoint {
+        &self.endpoint
+    }
+
+    pub(crate) fn authorized<T>(&self, msg: T) -> Request<T> {
         let mut req = Request::new(msg);
         req.metadata_mut()
             .insert("authorization", self.token.clone());
@@ -164,17 +169,26 @@ impl Backoff {
     }
 }
 
-/// Runs forever: connects, follows the mapping stream, reconnects. `cert_events` names domains
-/// whose ACME certificate state changed; their services' status is sent again.
+/// What makes the proxy send services' status again, and where mapping tokens go.
+pub struct StatusEvents {
+    /// Domains whose ACME certificate state changed.
+    pub certificates: mpsc::Receiver<String>,
+    /// Accounts whose mesh tunnel state changed.
+    pub mesh: mpsc::Receiver<String>,
+    /// The newest one-time `CreateProxyPeer` token of each account, for the mesh task.
+    pub tokens: watch::Sender<crate::mesh::Tokens>,
+}
+
+/// Runs forever: connects, follows the mapping stream, reconnects.
 pub async fn run(
     shared: Arc<Shared>,
     link: ManagementLink,
     sources: Arc<Sources>,
-    mut cert_events: mpsc::Receiver<String>,
+    mut events: StatusEvents,
 ) {
     let mut backoff = Backoff::new();
     loop {
-        let outcome = session(&shared, &link, &sources, &mut backoff, &mut cert_events).await;
+        let outcome = session(&shared, &link, &sources, &mut backoff, &mut events).await;
         shared
             .status
             .management_connected
@@ -214,7 +228,7 @@ async fn session(
     link: &ManagementLink,
     sources: &Arc<Sources>,
     backoff: &mut Backoff,
-    cert_events: &mut mpsc::Receiver<String>,
+    events: &mut StatusEvents,
 ) -> Result<(), Status> {
     let channel = link
         .endpoint
@@ -232,12 +246,18 @@ async fn session(
     let sync = client
         .sync_mappings(link.authorized(ReceiverStream::new(ack_rx)))
         .await;
-    let mut applier = Applier::new(shared.clone(), sources.clone(), link.clone(), channel);
+    let mut applier = Applier::new(
+        shared.clone(),
+        sources.clone(),
+        link.clone(),
+        channel,
+        events.tokens.clone(),
+    );
     match sync {
         Ok(resp) => {
             let mut stream = resp.into_inner();
             connected(shared, backoff);
-            while let Some(msg) = next_message(&mut stream, &applier, cert_events).await? {
+            while let Some(msg) = next_message(&mut stream, &applier, events).await? {
                 applier.apply(msg.mapping, msg.initial_sync_complete);
                 // The batch is in the table: ask for the next one.
                 if ack_tx
@@ -267,7 +287,7 @@ async fn session(
                 .await?
                 .into_inner();
             connected(shared, backoff);
-            while let Some(msg) = next_message(&mut stream, &applier, cert_events).await? {
+            while let Some(msg) = next_message(&mut stream, &applier, events).await? {
                 applier.apply(msg.mapping, msg.initial_sync_complete);
             }
             Ok(())
@@ -276,16 +296,18 @@ async fn session(
     }
 }
 
-/// The next message of a mapping stream; certificate events that arrive meanwhile are reported.
+/// The next message of a mapping stream; certificate and tunnel events that arrive meanwhile
+/// are reported.
 async fn next_message<T>(
     stream: &mut tonic::Streaming<T>,
     applier: &Applier,
-    cert_events: &mut mpsc::Receiver<String>,
+    events: &mut StatusEvents,
 ) -> Result<Option<T>, Status> {
     loop {
         tokio::select! {
             msg = stream.message() => return msg,
-            Some(domain) = cert_events.recv() => applier.report_domain(&domain),
+            Some(domain) = events.certificates.recv() => applier.report_domain(&domain),
+            Some(account) = events.mesh.recv() => applier.report_account(&account),
         }
     }
 }
@@ -307,6 +329,7 @@ struct Applier {
     snapshot: Option<HashMap<String, ProxyMapping>>,
     current: HashMap<String, ProxyMapping>,
     status_tx: mpsc::Sender<SendStatusUpdateRequest>,
+    tokens: watch::Sender<crate::mesh::Tokens>,
 }
 
 /// Status updates waiting to be sent; more are dropped (the next sync sends every status).
@@ -318,6 +341,7 @@ impl Applier {
         sources: Arc<Sources>,
         link: ManagementLink,
         channel: Channel,
+        tokens: watch::Sender<crate::mesh::Tokens>,
     ) -> Self {
         let (status_tx, mut status_rx) = mpsc::channel::<SendStatusUpdateRequest>(STATUS_QUEUE);
         let mut client = ProxyServiceClient::new(channel);
@@ -332,6 +356,7 @@ impl Applier {
         });
         Self {
             status_tx,
+            tokens,
             shared,
             sources,
             snapshot: Some(HashMap::new()),
@@ -366,7 +391,38 @@ impl Applier {
         let skipped = self
             .sources
             .set_management(self.current.values().cloned().collect(), &self.shared);
+        self.hand_over_tokens(&changed);
         self.report(changed, skipped);
+    }
+
+    /// Gives the mesh task each account's newest one-time token (management issues a fresh one
+    /// with every mapping it sends).
+    fn hand_over_tokens(&self, changed: &[ProxyMapping]) {
+        let fresh: Vec<&ProxyMapping> = changed
+            .iter()
+            .filter(|m| !m.auth_token.is_empty() && !m.account_id.is_empty())
+            .collect();
+        if fresh.is_empty() {
+            return;
+        }
+        self.tokens.send_modify(|tokens| {
+            let mut next = HashMap::clone(tokens);
+            for m in fresh {
+                next.insert(m.account_id.clone(), (m.id.clone(), m.auth_token.clone()));
+            }
+            *tokens = Arc::new(next);
+        });
+    }
+
+    /// Sends the status of every service of `account` again (its tunnel state changed).
+    fn report_account(&self, account: &str) {
+        let changed: Vec<ProxyMapping> = self
+            .current
+            .values()
+            .filter(|m| m.account_id == account)
+            .cloned()
+            .collect();
+        self.report(changed, HashMap::new());
     }
 
     /// Tells management how each changed service is served, off the apply path.
@@ -428,6 +484,9 @@ fn service_status(
 ) -> (proto::ProxyStatus, Option<String>, bool) {
     use crate::acme::CertState;
     use proto::ProxyStatus;
+    if let Some(reason) = tunnel_problem(shared, m) {
+        return (ProxyStatus::TunnelNotCreated, Some(reason), false);
+    }
     // L4 services carry their clients' TLS, if any: no certificate here.
     if crate::routes::L4Mode::parse(&m.mode).is_some() {
         return (ProxyStatus::Active, None, false);
@@ -458,6 +517,27 @@ fn service_status(
             false,
         )
     }
+}
+
+/// Why a target of this service cannot be reached through its account's mesh, if so.
+fn tunnel_problem(shared: &Shared, m: &ProxyMapping) -> Option<String> {
+    let mesh = shared.mesh.load();
+    m.path
+        .iter()
+        .filter(|p| !p.options.as_ref().is_some_and(|o| o.direct_upstream))
+        .filter_map(|p| target_addr(&p.target))
+        .find_map(|addr| match mesh.dial(&m.account_id, addr) {
+            Some(crate::mesh::MeshDial::Unreachable(reason)) => Some(reason),
+            _ => None,
+        })
+}
+
+/// The IP-literal address of a mapping's target (`http://100.64.0.2:8080/` or `100.64.0.2:22`).
+fn target_addr(target: &str) -> Option<std::net::SocketAddr> {
+    if let Ok(t) = crate::routes::Target::parse(target) {
+        return t.socket_addr();
+    }
+    crate::routes::l4::L4Target::parse(target).ok()?.addr
 }
 
 #[cfg(test)]

@@ -5,6 +5,7 @@ use std::cell::RefCell;
 use std::collections::HashMap;
 use std::io;
 use std::net::{SocketAddr, ToSocketAddrs};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use monoio::BufResult;
@@ -14,6 +15,8 @@ use monoio::net::TcpStream;
 use monoio_rustls::{ClientTlsStream, TlsConnector};
 use rustls_pki_types::ServerName;
 
+use super::connect::connect_tcp;
+use crate::mesh::{MeshDial, MeshTable, Via};
 use crate::routes::{Target, TargetScheme};
 use crate::tls::UpstreamTls;
 
@@ -38,6 +41,8 @@ pub enum DialError {
     Timeout { addr: SocketAddr },
     #[error("TLS handshake with {addr}: {message}")]
     Tls { addr: SocketAddr, message: String },
+    #[error("{addr} is unreachable: {reason}")]
+    Mesh { addr: SocketAddr, reason: String },
 }
 
 impl DialError {
@@ -104,6 +109,8 @@ impl AsyncWriteRent for UpstreamStream {
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct PoolKey {
     addr: SocketAddr,
+    /// Part of the key: two accounts may use the same tunnel address for different targets.
+    via: Via,
     tls: Option<(ServerName<'static>, bool)>,
 }
 
@@ -115,25 +122,40 @@ pub struct Upstream {
     pub reused: bool,
 }
 
+impl PoolKey {
+    pub fn is_direct(&self) -> bool {
+        self.via == Via::Direct
+    }
+}
+
 /// Per-worker state for reaching targets.
 pub struct Dialer {
     tls: UpstreamTls,
+    mesh: Arc<MeshTable>,
     idle: RefCell<HashMap<PoolKey, Vec<(UpstreamStream, Instant)>>>,
     idle_total: RefCell<usize>,
     dns: RefCell<HashMap<(String, u16), (SocketAddr, Instant)>>,
 }
 
 impl Dialer {
-    pub fn new(tls: UpstreamTls) -> Self {
+    pub fn new(tls: UpstreamTls, mesh: Arc<MeshTable>) -> Self {
         Self {
             tls,
+            mesh,
             idle: RefCell::new(HashMap::new()),
             idle_total: RefCell::new(0),
             dns: RefCell::new(HashMap::new()),
         }
     }
 
-    pub fn key(&self, target: &Target, skip_verify: bool) -> Result<PoolKey, DialError> {
+    /// How to reach `target` for a service of `account`; `direct` targets bypass the mesh.
+    pub fn key(
+        &self,
+        account: &str,
+        target: &Target,
+        skip_verify: bool,
+        direct: bool,
+    ) -> Result<PoolKey, DialError> {
         let addr = match target.socket_addr() {
             Some(a) => a,
             None => self.resolve(&target.host, target.port)?,
@@ -142,7 +164,21 @@ impl Dialer {
             TargetScheme::Http => None,
             TargetScheme::Https => Some((target.server_name.clone(), skip_verify)),
         };
-        Ok(PoolKey { addr, tls })
+        let via = if direct {
+            Via::Direct
+        } else {
+            self.mesh_via(account, addr)?
+        };
+        Ok(PoolKey { addr, via, tls })
+    }
+
+    /// The path to `addr` in `account`'s mesh, `Direct` when the mesh does not carry it.
+    pub fn mesh_via(&self, account: &str, addr: SocketAddr) -> Result<Via, DialError> {
+        match self.mesh.load().dial(account, addr) {
+            None => Ok(Via::Direct),
+            Some(MeshDial::Via(via)) => Ok(via),
+            Some(MeshDial::Unreachable(reason)) => Err(DialError::Mesh { addr, reason }),
+        }
     }
 
     /// Names are resolved with the system resolver and cached; mesh targets are IP literals and
@@ -216,7 +252,7 @@ impl Dialer {
         dial_timeout: Duration,
     ) -> Result<Upstream, DialError> {
         let addr = key.addr;
-        let tcp = match monoio::time::timeout(dial_timeout, TcpStream::connect_addr(addr)).await {
+        let tcp = match monoio::time::timeout(dial_timeout, connect_tcp(addr, &key.via)).await {
             Err(_) => return Err(DialError::Timeout { addr }),
             Ok(Err(source)) => return Err(DialError::Connect { addr, source }),
             Ok(Ok(s)) => s,

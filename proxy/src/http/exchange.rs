@@ -101,7 +101,12 @@ async fn forward<S: AsyncReadRent + AsyncWriteRent>(
 
     let key: PoolKey = ctx
         .dialer
-        .key(&route.target, route.skip_tls_verify)
+        .key(
+            &service.account_id,
+            &route.target,
+            route.skip_tls_verify,
+            route.direct_upstream,
+        )
         .map_err(|e| {
             tracing::warn!(service = %service.id, error = %e, "target unreachable");
             Failure::Status(ProxyStatus::BadGateway)
@@ -266,7 +271,8 @@ async fn dial(
     };
     res.map_err(|e| {
         tracing::warn!(service = %service.id, error = %e, "cannot reach target");
-        if e.is_timeout() {
+        // A tunnel whose peer does not answer is an unreachable target, not a slow one.
+        if e.is_timeout() && key.is_direct() {
             Failure::Status(ProxyStatus::GatewayTimeout)
         } else {
             Failure::Status(ProxyStatus::BadGateway)

@@ -79,9 +79,20 @@ async fn serve(
             return;
         }
     };
+    let via = if service.direct_upstream {
+        crate::mesh::Via::Direct
+    } else {
+        match ctx.dialer.mesh_via(&service.account_id, target) {
+            Ok(via) => via,
+            Err(e) => {
+                tracing::warn!(service = %service.id, error = %e, "L4 target unreachable");
+                return;
+            }
+        }
+    };
     let dial = monoio::time::timeout(
         ctx.shared.config.limits.dial_timeout,
-        TcpStream::connect_addr(target),
+        crate::dataplane::connect::connect_tcp(target, &via),
     );
     let mut upstream = match dial.await {
         Ok(Ok(s)) => s,

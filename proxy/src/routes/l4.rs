@@ -109,6 +109,8 @@ pub struct L4Service {
     pub proxy_protocol: bool,
     pub session_idle_timeout: Duration,
     pub access: AccessPolicy,
+    /// Dialed directly even when the account's mesh carries the address.
+    pub direct_upstream: bool,
 }
 
 impl L4Service {
@@ -146,6 +148,7 @@ impl L4Service {
             proxy_protocol: opts.proxy_protocol,
             session_idle_timeout,
             access,
+            direct_upstream: opts.direct_upstream,
         })
     }
 }

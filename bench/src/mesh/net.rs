@@ -1,0 +1,140 @@
+//! The two namespaces of the mesh workloads, `edge` (management, the proxies, the load) and
+//! `site` (the agent, a plain wireguard-go, the targets), joined by one veth pair. Deleted on
+//! drop, after every process still inside them is killed by PID. Traffic stays inside them.
+
+use std::net::Ipv4Addr;
+use std::process::Command;
+use std::time::Duration;
+
+use anyhow::{Context, Result, bail};
+use nix::sched::{CloneFlags, setns};
+
+/// Every namespace this harness's mesh part creates starts with this, then the harness's PID.
+const PREFIX: &str = "pcmesh-";
+
+pub const EDGE_IP: Ipv4Addr = Ipv4Addr::new(10, 214, 0, 1);
+pub const SITE_IP: Ipv4Addr = Ipv4Addr::new(10, 214, 0, 2);
+
+pub struct EdgeSite {
+    pub edge: String,
+    pub site: String,
+}
+
+impl EdgeSite {
+    pub fn create() -> Result<EdgeSite> {
+        remove_stale();
+        let pid = std::process::id();
+        let pair = EdgeSite {
+            edge: format!("{PREFIX}{pid}-edge"),
+            site: format!("{PREFIX}{pid}-site"),
+        };
+        // The guard exists from here: whatever is made below is deleted on failure too.
+        ip(&["netns", "add", &pair.edge])?;
+        ip(&["netns", "add", &pair.site])?;
+        let (e_if, s_if) = (format!("pme{pid}"), format!("pms{pid}"));
+        ip(&[
+            "link", "add", &e_if, "netns", &pair.edge, "type", "veth", "peer", "name", &s_if,
+            "netns", &pair.site,
+        ])?;
+        for (ns, dev, addr) in [(&pair.edge, &e_if, EDGE_IP), (&pair.site, &s_if, SITE_IP)] {
+            ip(&["-n", ns, "addr", "add", &format!("{addr}/24"), "dev", dev])?;
+            ip(&["-n", ns, "link", "set", dev, "up"])?;
+            ip(&["-n", ns, "link", "set", "lo", "up"])?;
+        }
+        Ok(pair)
+    }
+}
+
+impl Drop for EdgeSite {
+    fn drop(&mut self) {
+        for ns in [&self.edge, &self.site] {
+            for pid in pids_in(ns) {
+                if pid != std::process::id() as i32 {
+                    let _ = nix::sys::signal::kill(
+                        nix::unistd::Pid::from_raw(pid),
+                        nix::sys::signal::Signal::SIGKILL,
+                    );
+                }
+            }
+        }
+        for ns in [&self.edge, &self.site] {
+            if std::path::Path::new(&format!("/run/netns/{ns}")).exists()
+                && let Err(e) = ip(&["netns", "delete", ns])
+            {
+                eprintln!("bench: could not delete network namespace {ns}: {e:#}");
+            }
+        }
+    }
+}
+
+fn pids_in(ns: &str) -> Vec<i32> {
+    output("ip", &["netns", "pids", ns])
+        .unwrap_or_default()
+        .split_whitespace()
+        .filter_map(|p| p.parse().ok())
+        .take(1_000)
+        .collect()
+}
+
+pub fn ip(args: &[&str]) -> Result<()> {
+    output("ip", args).map(drop)
+}
+
+/// Runs `program args` (bounded by 20 s); its stdout, or an error with its stderr.
+pub fn output(program: &str, args: &[&str]) -> Result<String> {
+    let mut c = Command::new(program);
+    c.args(args);
+    let out = crate::wrk::with_deadline(c, Duration::from_secs(20))
+        .with_context(|| format!("{program} {}", args.join(" ")))?;
+    if !out.status.success() {
+        bail!(
+            "{program} {} failed: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// Deletes `pcmesh-<pid>-*` namespaces whose harness is no longer running.
+fn remove_stale() {
+    let Ok(entries) = std::fs::read_dir("/run/netns") else {
+        return;
+    };
+    for entry in entries.flatten().take(1_000) {
+        let name = entry.file_name().to_string_lossy().to_string();
+        let Some(pid) = name
+            .strip_prefix(PREFIX)
+            .and_then(|rest| rest.split('-').next())
+            .and_then(|p| p.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        if pid != std::process::id() && !std::path::Path::new(&format!("/proc/{pid}")).exists() {
+            eprintln!("bench: deleting network namespace {name} left by an earlier run");
+            for p in pids_in(&name) {
+                let _ = nix::sys::signal::kill(
+                    nix::unistd::Pid::from_raw(p),
+                    nix::sys::signal::Signal::SIGKILL,
+                );
+            }
+            let _ = ip(&["netns", "delete", &name]);
+        }
+    }
+}
+
+/// Runs `f` on a thread that has entered namespace `ns`: its sockets live there, and processes
+/// it starts are born there (a child inherits the forking thread's namespace).
+pub fn within<T: Send>(ns: &str, f: impl FnOnce() -> Result<T> + Send) -> Result<T> {
+    let path = format!("/run/netns/{ns}");
+    std::thread::scope(|s| {
+        s.spawn(|| {
+            let file = std::fs::File::open(&path).with_context(|| format!("open {path}"))?;
+            setns(&file, CloneFlags::CLONE_NEWNET)
+                .with_context(|| format!("enter network namespace {ns}"))?;
+            f()
+        })
+        .join()
+        .unwrap_or_else(|_| bail!("a thread in network namespace {ns} panicked"))
+    })
+}

@@ -1,0 +1,43 @@
+//! Dialing a target over the path the mesh chose: an ordinary socket, one bound to an account's
+//! WireGuard interface, or the in-process backend's loopback bridge.
+
+use std::io;
+use std::net::SocketAddr;
+use std::os::fd::{AsRawFd, BorrowedFd};
+
+use monoio::net::TcpStream;
+use socket2::{Domain, Protocol, SockRef, Socket, Type};
+
+use crate::mesh::Via;
+
+pub async fn connect_tcp(addr: SocketAddr, via: &Via) -> io::Result<TcpStream> {
+    match via {
+        Via::Direct => TcpStream::connect_addr(addr).await,
+        Via::Bridge(bridge) => TcpStream::connect_addr(*bridge).await,
+        Via::Device(device) => connect_bound(addr, device).await,
+    }
+}
+
+/// monoio cannot set options before its connect, so the socket is made and bound here, the
+/// non-blocking connect started, and completion awaited as writability.
+async fn connect_bound(addr: SocketAddr, device: &str) -> io::Result<TcpStream> {
+    let socket = Socket::new(
+        Domain::for_address(addr),
+        Type::STREAM.nonblocking().cloexec(),
+        Some(Protocol::TCP),
+    )?;
+    socket.bind_device(Some(device.as_bytes()))?;
+    match socket.connect(&addr.into()) {
+        Ok(()) => {}
+        Err(e) if e.raw_os_error() == Some(libc::EINPROGRESS) => {}
+        Err(e) => return Err(e),
+    }
+    let stream = TcpStream::from_std(std::net::TcpStream::from(socket))?;
+    stream.writable(false).await?;
+    // SAFETY: the descriptor belongs to `stream`, which outlives this borrow.
+    let fd = unsafe { BorrowedFd::borrow_raw(stream.as_raw_fd()) };
+    if let Some(e) = SockRef::from(&fd).take_error()? {
+        return Err(e);
+    }
+    Ok(stream)
+}
