@@ -7,6 +7,7 @@ pub mod grpc_peer;
 pub mod l4_client;
 pub mod l4_targets;
 pub mod management;
+pub mod mesh_net;
 pub mod netns;
 pub mod pebble;
 pub mod process;

@@ -113,6 +113,10 @@ pub struct Management {
     pub log: PathBuf,
     heartbeat: String,
     env: Vec<(String, String)>,
+    /// The address both listeners are on (127.0.0.1 unless started with `start_in_netns`).
+    pub ip: String,
+    /// The network namespace it runs in, if not the test's own.
+    pub netns: Option<String>,
 }
 
 impl Management {
@@ -138,17 +142,71 @@ impl Management {
         http_port: u16,
         env: &[(String, String)],
     ) -> Management {
+        Self::start_full(
+            dir,
+            store_url,
+            heartbeat,
+            grpc_port,
+            http_port,
+            env,
+            None,
+            "127.0.0.1",
+        )
+    }
+
+    /// Starts inside network namespace `netns`, both listeners on `ip` (an address of that
+    /// namespace), so peers in other namespaces reach it. REST calls through `api` and
+    /// `request_at` run inside the namespace.
+    pub fn start_in_netns(
+        dir: &TestDir,
+        store_url: &str,
+        heartbeat: &str,
+        netns: &str,
+        ip: &str,
+        env: &[(String, String)],
+    ) -> Management {
+        Self::start_full(
+            dir,
+            store_url,
+            heartbeat,
+            free_port(),
+            free_port(),
+            env,
+            Some(netns.to_string()),
+            ip,
+        )
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn start_full(
+        dir: &TestDir,
+        store_url: &str,
+        heartbeat: &str,
+        grpc_port: u16,
+        http_port: u16,
+        env: &[(String, String)],
+        netns: Option<String>,
+        ip: &str,
+    ) -> Management {
         static N: AtomicU32 = AtomicU32::new(0);
         let log = dir.0.join(format!(
             "management-{}.log",
             N.fetch_add(1, Ordering::Relaxed)
         ));
+        let mut cmd = match &netns {
+            None => Command::new(binary()),
+            Some(ns) => {
+                // `ip netns exec` execs management, so the PID stays its own.
+                let mut c = Command::new("ip");
+                c.args(["netns", "exec", ns]).arg(binary());
+                c
+            }
+        };
         let process = Supervised::spawn(
-            Command::new(binary())
-                .args(["management", "serve"])
+            cmd.args(["management", "serve"])
                 .env("PORTCULLIS_STORE_URL", store_url)
-                .env("PORTCULLIS_GRPC_ADDRESS", format!("127.0.0.1:{grpc_port}"))
-                .env("PORTCULLIS_HTTP_ADDRESS", format!("127.0.0.1:{http_port}"))
+                .env("PORTCULLIS_GRPC_ADDRESS", format!("{ip}:{grpc_port}"))
+                .env("PORTCULLIS_HTTP_ADDRESS", format!("{ip}:{http_port}"))
                 .env("PORTCULLIS_HEARTBEAT_INTERVAL", heartbeat)
                 .env("RUST_LOG", "info")
                 .envs(env.iter().map(|(k, v)| (k, v))),
@@ -164,10 +222,20 @@ impl Management {
             log,
             heartbeat: heartbeat.to_string(),
             env: env.to_vec(),
+            ip: ip.to_string(),
+            netns: netns.clone(),
         };
         let deadline = Instant::now() + Duration::from_secs(20);
         while Instant::now() < deadline {
-            if let Ok((401, _)) = request(http_port, "GET", "/api/users", None, None) {
+            if let Ok((401, _)) = request_at(
+                netns.clone(),
+                &m.ip,
+                http_port,
+                "GET",
+                "/api/users",
+                None,
+                None,
+            ) {
                 return m;
             }
             std::thread::sleep(Duration::from_millis(50));
@@ -178,13 +246,15 @@ impl Management {
     /// Stops (SIGTERM, then SIGKILL after 10 s) and starts again on the same ports and store.
     pub fn restart(&mut self, dir: &TestDir) {
         self.stop();
-        let again = Management::start_on(
+        let again = Management::start_full(
             dir,
             &self.store_url.clone(),
             &self.heartbeat.clone(),
             self.grpc_port,
             self.http_port,
             &self.env.clone(),
+            self.netns.clone(),
+            &self.ip.clone(),
         );
         *self = again;
     }
@@ -198,7 +268,7 @@ impl Management {
     }
 
     pub fn grpc_url(&self) -> String {
-        format!("http://127.0.0.1:{}", self.grpc_port)
+        format!("http://{}:{}", self.ip, self.grpc_port)
     }
 
     /// Runs `portcullis management ARGS` on this server's store; returns stdout.
@@ -234,6 +304,8 @@ impl Management {
         Api {
             port: self.http_port,
             pat: pat.to_string(),
+            ip: self.ip.clone(),
+            netns: self.netns.clone(),
         }
     }
 }
@@ -242,11 +314,23 @@ impl Management {
 pub struct Api {
     pub port: u16,
     pub pat: String,
+    /// Where management listens (127.0.0.1 unless it runs in a namespace).
+    pub ip: String,
+    pub netns: Option<String>,
 }
 
 impl Api {
     pub fn call(&self, method: &str, path: &str, body: Option<&Value>) -> (u16, Value) {
-        request(self.port, method, path, Some(&self.pat), body).expect("REST call")
+        request_at(
+            self.netns.clone(),
+            &self.ip,
+            self.port,
+            method,
+            path,
+            Some(&self.pat),
+            body,
+        )
+        .expect("REST call")
     }
 
     pub fn ok(&self, method: &str, path: &str, body: Option<&Value>) -> Value {
@@ -303,6 +387,26 @@ pub fn service_body(name: &str, domain: &str, port: u16) -> Value {
     })
 }
 
+/// `request` to `ip:port` from inside network namespace `netns` (the test's own when None).
+pub fn request_at(
+    netns: Option<String>,
+    ip: &str,
+    port: u16,
+    method: &str,
+    path: &str,
+    pat: Option<&str>,
+    body: Option<&Value>,
+) -> std::io::Result<(u16, Value)> {
+    if netns.is_none() {
+        return request_to(ip, port, method, path, pat, body);
+    }
+    let (ip, method, path) = (ip.to_string(), method.to_string(), path.to_string());
+    let (pat, body) = (pat.map(str::to_string), body.cloned());
+    crate::netns::run_in(netns, move || {
+        request_to(&ip, port, &method, &path, pat.as_deref(), body.as_ref())
+    })
+}
+
 /// One HTTP/1.1 request with `Connection: close`, bounded by a 10 s timeout.
 pub fn request(
     port: u16,
@@ -311,7 +415,18 @@ pub fn request(
     pat: Option<&str>,
     body: Option<&Value>,
 ) -> std::io::Result<(u16, Value)> {
-    let mut s = TcpStream::connect(("127.0.0.1", port))?;
+    request_to("127.0.0.1", port, method, path, pat, body)
+}
+
+fn request_to(
+    ip: &str,
+    port: u16,
+    method: &str,
+    path: &str,
+    pat: Option<&str>,
+    body: Option<&Value>,
+) -> std::io::Result<(u16, Value)> {
+    let mut s = TcpStream::connect((ip, port))?;
     s.set_read_timeout(Some(Duration::from_secs(10)))?;
     let body = body.map(|b| b.to_string()).unwrap_or_default();
     let auth = pat

@@ -90,6 +90,9 @@ pub struct ProxyOptions {
     /// A certificate directory of the caller's (shared by several proxies); default: the
     /// proxy's own.
     pub cert_dir: Option<PathBuf>,
+    /// A command the proxy is started through (after `ip netns exec`), e.g. `setpriv` with
+    /// capabilities dropped; it must exec the proxy so the PID stays the proxy's.
+    pub command_prefix: Vec<String>,
 }
 
 impl ProxyOptions {
@@ -105,6 +108,7 @@ impl ProxyOptions {
             https_port: None,
             http_port: None,
             cert_dir: None,
+            command_prefix: Vec::new(),
         }
     }
 
@@ -142,12 +146,19 @@ impl Proxy {
         let http_port = opts.http_port.unwrap_or_else(free_port);
         let health_port = free_port();
         let log = dir.0.join("proxy.log");
-        let mut cmd = match &opts.netns {
-            None => Command::new(binary()),
-            Some(ns) => {
+        let mut cmd = match (&opts.netns, opts.command_prefix.split_first()) {
+            (None, None) => Command::new(binary()),
+            (None, Some((first, rest))) => {
+                let mut c = Command::new(first);
+                c.args(rest).arg(binary());
+                c
+            }
+            (Some(ns), _) => {
                 // `ip netns exec` execs the proxy, so the PID stays the proxy's.
                 let mut c = Command::new("ip");
-                c.args(["netns", "exec", ns]).arg(binary());
+                c.args(["netns", "exec", ns])
+                    .args(&opts.command_prefix)
+                    .arg(binary());
                 c
             }
         };
@@ -209,6 +220,11 @@ impl Proxy {
 
     pub fn log_text(&self) -> String {
         self.process.log_text()
+    }
+
+    /// The network namespace the proxy runs in, if not the test's own.
+    pub fn netns(&self) -> Option<String> {
+        self.netns.clone()
     }
 
     pub fn ca_path(&self) -> PathBuf {

@@ -15,7 +15,7 @@ use monoio::net::TcpStream;
 use monoio_rustls::{ClientTlsStream, TlsConnector};
 use rustls_pki_types::ServerName;
 
-use super::connect::connect_tcp;
+use super::connect::{MESH_DIAL_TIMEOUT, connect_tcp};
 use crate::mesh::{MeshDial, MeshTable, Via};
 use crate::routes::{Target, TargetScheme};
 use crate::tls::UpstreamTls;
@@ -252,6 +252,11 @@ impl Dialer {
         dial_timeout: Duration,
     ) -> Result<Upstream, DialError> {
         let addr = key.addr;
+        let dial_timeout = if key.is_direct() {
+            dial_timeout
+        } else {
+            dial_timeout.min(MESH_DIAL_TIMEOUT)
+        };
         let tcp = match monoio::time::timeout(dial_timeout, connect_tcp(addr, &key.via)).await {
             Err(_) => return Err(DialError::Timeout { addr }),
             Ok(Err(source)) => return Err(DialError::Connect { addr, source }),

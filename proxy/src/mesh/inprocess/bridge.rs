@@ -13,7 +13,7 @@ use smoltcp::socket::tcp::{self, RecvError, State};
 use super::poller::{READ, WRITE};
 
 /// A target that neither accepts nor refuses within this long is given up on.
-pub(super) const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+pub(super) const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 /// After both directions closed, how long our FIN may wait for its ACK before we abort.
 const CLOSE_TIMEOUT: Duration = Duration::from_secs(10);
 /// Copies per direction per round: two covers the wrap-around of the ring buffers.
@@ -34,6 +34,8 @@ pub(super) struct Conn {
     /// Set when the connection is over; the worker removes it after the next stack poll so
     /// an RST from `abort` still goes out.
     pub(super) finished: bool,
+    /// Since when bytes have been waiting for the target's acknowledgement, without a break.
+    pub(super) unacked_since: Option<Instant>,
 }
 
 impl Conn {
@@ -54,6 +56,7 @@ impl Conn {
             target_done: false,
             deadline: Some(now + CONNECT_TIMEOUT),
             finished: false,
+            unacked_since: None,
         }
     }
 

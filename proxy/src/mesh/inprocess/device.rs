@@ -105,6 +105,7 @@ impl WgDevice {
             {
                 TunnResult::Done => {
                     peer.received += wire_len;
+                    peer.last_received = Some(std::time::Instant::now());
                     peer.endpoint = Some(from);
                     return;
                 }
@@ -124,6 +125,7 @@ impl WgDevice {
                         }
                     }
                     peer.received += wire_len;
+                    peer.last_received = Some(std::time::Instant::now());
                     peer.endpoint = Some(from);
                     return;
                 }
@@ -131,6 +133,7 @@ impl WgDevice {
                 TunnResult::WriteToTunnelV6(packet, source) => (IpAddr::V6(source), packet),
             };
         peer.received += wire_len;
+        peer.last_received = Some(std::time::Instant::now());
         peer.endpoint = Some(from);
         if !peer.allows(source) {
             tracing::trace!(%source, "mesh packet from outside the peer's allowed IPs dropped");

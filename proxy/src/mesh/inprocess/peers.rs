@@ -30,6 +30,8 @@ pub(super) struct Peer {
     /// wireguard-go count): keepalives carry no payload, so boringtun's own count misses them,
     /// and they are how an idle peer shows it is alive.
     pub(super) received: u64,
+    /// When the last authenticated datagram came: a peer that went away falls silent.
+    pub(super) last_received: Option<std::time::Instant>,
 }
 
 impl Peer {
@@ -118,6 +120,7 @@ impl PeerTable {
             keepalive: want.persistent_keepalive,
             index,
             received: 0,
+            last_received: None,
         }
     }
 
@@ -146,6 +149,16 @@ impl PeerTable {
         }
         self.routes
             .sort_by_key(|(net, _)| std::cmp::Reverse(net.prefix_len()));
+    }
+
+    /// How long the peer that carries `destination` has been silent; None when it never spoke.
+    pub(super) fn silent_for(
+        &self,
+        destination: IpAddr,
+        now: std::time::Instant,
+    ) -> Option<std::time::Duration> {
+        let peer = self.peers.get(self.route(destination)?)?;
+        Some(now.saturating_duration_since(peer.last_received?))
     }
 
     /// The peer that carries packets to `destination`: longest allowed-IPs prefix wins.

@@ -33,8 +33,14 @@ const DATAGRAM_BUDGET: usize = 256;
 const ACCEPT_BUDGET: usize = 64;
 /// Commands applied per round.
 const COMMAND_BUDGET: usize = 64;
-/// An established connection whose data goes unacknowledged this long is aborted.
+/// An established connection whose data goes unacknowledged this long is aborted. Generous:
+/// under loss smoltcp's retransmissions back off, and a live connection must survive that.
 const UNACKED_TIMEOUT: smoltcp::time::Duration = smoltcp::time::Duration::from_secs(60);
+/// A connection whose bytes have waited this long for an acknowledgement while its peer sent
+/// nothing at all (a live peer acknowledges, or at least sends its keepalive) is given up at
+/// once: a peer that went away must turn into an error (502) quickly, not a request hanging
+/// for a minute. Matches the device backends' TCP_USER_TIMEOUT.
+const PEER_GONE_AFTER: Duration = Duration::from_secs(5);
 /// Kernel socket buffers for the WireGuard UDP socket: bursts wait here, not in our memory.
 const UDP_BUFFER: usize = 4 * 1024 * 1024;
 /// A listener whose accept failed (e.g. out of descriptors) rests this long: it stays readable,
@@ -130,6 +136,7 @@ impl Worker {
             busy = self.round(&slots, now);
             if now >= self.next_tick {
                 self.device.tick();
+                self.abort_where_the_peer_is_gone(now);
                 self.publish_status();
                 self.ports.retain(|_, ports| !ports.is_idle(now));
                 self.next_tick = now + TICK;
@@ -239,6 +246,25 @@ impl Worker {
                     self.bridges.insert(target, listener);
                 }
                 Command::CloseBridge(target) => self.close_bridge(target),
+            }
+        }
+    }
+
+    fn abort_where_the_peer_is_gone(&mut self, now: Instant) {
+        for conn in self.conns.iter_mut().filter(|c| !c.finished) {
+            let sock = self.sockets.get_mut::<tcp::Socket>(conn.handle);
+            if sock.send_queue() == 0 {
+                conn.unacked_since = None;
+                continue;
+            }
+            let waiting = *conn.unacked_since.get_or_insert(now);
+            let silent = self.device.wire.peers.silent_for(conn.target.ip(), now);
+            if now.saturating_duration_since(waiting) >= PEER_GONE_AFTER
+                && silent.is_none_or(|s| s >= PEER_GONE_AFTER)
+            {
+                tracing::debug!(target = %conn.target, "the target's peer went silent; connection aborted");
+                sock.abort();
+                conn.reset_client();
             }
         }
     }
