@@ -20,7 +20,7 @@ mod bpf_stats;
 mod drop;
 mod flood;
 mod iperf;
-mod netns;
+pub(crate) mod netns;
 mod proxies;
 pub mod report;
 mod throughput;

@@ -7,7 +7,6 @@ use std::process::Command;
 use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
-use nix::sched::{CloneFlags, setns};
 
 /// Every namespace this harness's mesh part creates starts with this, then the harness's PID.
 const PREFIX: &str = "pcmesh-";
@@ -123,18 +122,6 @@ fn remove_stale() {
     }
 }
 
-/// Runs `f` on a thread that has entered namespace `ns`: its sockets live there, and processes
-/// it starts are born there (a child inherits the forking thread's namespace).
-pub fn within<T: Send>(ns: &str, f: impl FnOnce() -> Result<T> + Send) -> Result<T> {
-    let path = format!("/run/netns/{ns}");
-    std::thread::scope(|s| {
-        s.spawn(|| {
-            let file = std::fs::File::open(&path).with_context(|| format!("open {path}"))?;
-            setns(&file, CloneFlags::CLONE_NEWNET)
-                .with_context(|| format!("enter network namespace {ns}"))?;
-            f()
-        })
-        .join()
-        .unwrap_or_else(|_| bail!("a thread in network namespace {ns} panicked"))
-    })
-}
+/// Runs `f` on a thread that has entered namespace `ns`; processes it starts are born there
+/// too (a child inherits the forking thread's namespace).
+pub use crate::l4::netns::within;

@@ -389,7 +389,16 @@ impl Mesh {
     /// in-process bridges changed.
     fn poll(&mut self, events: &mpsc::Sender<String>) {
         let now = Instant::now();
-        let targets = self.shared.routes.load().mesh_targets();
+        // Only the in-process backend needs the targets (for its bridges).
+        let bridged = self
+            .accounts
+            .values()
+            .any(|a| matches!(a.tunnel, Some(Tunnel::InProcess(_))));
+        let targets = if bridged {
+            self.shared.routes.load().mesh_targets()
+        } else {
+            Vec::new()
+        };
         let mut republish = false;
         for (account_id, account) in &mut self.accounts {
             let Some(tunnel) = &account.tunnel else {

@@ -115,8 +115,10 @@ pub struct MeshTable {
 }
 
 impl MeshTable {
-    pub fn load(&self) -> Arc<MeshSnapshot> {
-        self.current.load_full()
+    /// Read on every dial: a guard, not an `Arc` clone, so workers do not contend on one
+    /// reference count.
+    pub fn load(&self) -> arc_swap::Guard<Arc<MeshSnapshot>> {
+        self.current.load()
     }
 
     pub fn publish(&self, snapshot: MeshSnapshot) {
