@@ -11,6 +11,36 @@ use crate::process::{Server, wait_listening};
 
 /// The Host every request carries; Portcullis routes by it.
 pub const SERVICE_HOST: &str = "bench.local";
+/// The same backend behind Portcullis' authentication gate (the other proxies do not check
+/// Host, so they serve it like the open one).
+pub const SESSION_HOST: &str = "session.bench.local";
+
+/// The bench's session key: fixed, since it only ever signs tokens for a loopback run.
+fn session_keys() -> proto::session::SessionKeyPair {
+    proto::session::key_pair_from_seed(&[0x5e; 32])
+}
+
+/// `Cookie: nb_session=…` valid for [`SESSION_HOST`] for a day.
+pub fn session_cookie_header() -> String {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs() as i64);
+    let grant = proto::session::SessionGrant {
+        user_id: "bench-user".into(),
+        email: "bench@example.com".into(),
+        domain: SESSION_HOST.into(),
+        method: "password".into(),
+        groups: vec!["g1".into()],
+        group_names: vec!["bench".into()],
+        max_age_secs: 86_400,
+    };
+    let token = proto::session::sign(
+        &proto::session::SessionClaims::new(&grant, now),
+        &session_keys().private_key,
+    )
+    .unwrap_or_default();
+    format!("Cookie: {}={token}", proto::session::COOKIE_NAME)
+}
 /// Body of the small response.
 pub fn small_body() -> Vec<u8> {
     b"portcullis-bench-"
@@ -165,7 +195,12 @@ pub fn start(kind: Kind, s: &Settings<'_>) -> Result<Contestant> {
                 &mappings,
                 &format!(
                     "[[service]]\nid = \"bench\"\ndomain = \"{SERVICE_HOST}\"\n\n\
+                     [[service.path]]\npath = \"/\"\ntarget = \"http://{}\"\n\n\
+                     [[service]]\nid = \"session\"\ndomain = \"{SESSION_HOST}\"\n\n\
+                     [service.auth]\nsession_key = \"{}\"\npassword = true\n\n\
                      [[service.path]]\npath = \"/\"\ntarget = \"http://{}\"\n",
+                    s.backend,
+                    session_keys().public_key,
                     s.backend
                 ),
             )?;

@@ -194,6 +194,11 @@ pub fn target(
 
 pub fn targets(results: &[WorkloadResult]) -> Vec<Target> {
     let mut out = Vec::new();
+    let open_cpu = results
+        .iter()
+        .find(|r| r.workload == Workload::HttpsKeepAlive)
+        .and_then(|r| r.get(Kind::Portcullis))
+        .map(|m| m.cpu_us_per_op);
     for r in results {
         let p = r.get(Kind::Portcullis);
         let n = r.get(Kind::Nginx);
@@ -271,6 +276,15 @@ pub fn targets(results: &[WorkloadResult]) -> Vec<Target> {
                     ratio(rps(p), rps(n)),
                     1.3,
                     true,
+                ));
+            }
+            Workload::HttpsSession => {
+                out.push(target(
+                    w,
+                    "CPU µs/request ≤ 1.10× Portcullis without auth (https-keepalive)",
+                    ratio(p.map(|m| m.cpu_us_per_op), open_cpu),
+                    1.10,
+                    false,
                 ));
             }
         }
@@ -373,7 +387,7 @@ fn http_markdown(
     );
     let _ = writeln!(
         s,
-        "## Targets of issue #4\n\n| workload | target | result |\n|---|---|---|"
+        "## Targets of issues #4 and #9\n\n| workload | target | result |\n|---|---|---|"
     );
     for t in targets {
         let _ = writeln!(s, "| {} | {} | {} |", t.workload, t.goal, t.gap());

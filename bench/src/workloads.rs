@@ -20,14 +20,17 @@ pub enum Workload {
     IdleTls,
     #[serde(rename = "http-keepalive")]
     HttpKeepAlive,
+    #[serde(rename = "https-session")]
+    HttpsSession,
 }
 
-pub const ALL: [Workload; 5] = [
+pub const ALL: [Workload; 6] = [
     Workload::HttpsKeepAlive,
     Workload::TlsHandshake,
     Workload::LargeResponse,
     Workload::IdleTls,
     Workload::HttpKeepAlive,
+    Workload::HttpsSession,
 ];
 
 impl Workload {
@@ -38,6 +41,7 @@ impl Workload {
             Workload::LargeResponse => "large-response",
             Workload::IdleTls => "idle-tls",
             Workload::HttpKeepAlive => "http-keepalive",
+            Workload::HttpsSession => "https-session",
         }
     }
 
@@ -50,13 +54,18 @@ impl Workload {
             Workload::LargeResponse => "3. HTTPS 1 MiB responses, 8 connections",
             Workload::IdleTls => "4. Idle keep-alive TLS connections (RSS per connection)",
             Workload::HttpKeepAlive => "5. Plain HTTP keep-alive, 1 KiB responses, 64 connections",
+            Workload::HttpsSession => {
+                "6. HTTPS keep-alive with a session cookie (Portcullis checks it), 1 KiB, 64 connections"
+            }
         }
     }
 
     /// What one operation is, for "CPU µs per …" and "… per second".
     pub fn op(self) -> &'static str {
         match self {
-            Workload::HttpsKeepAlive | Workload::HttpKeepAlive => "request",
+            Workload::HttpsKeepAlive | Workload::HttpKeepAlive | Workload::HttpsSession => {
+                "request"
+            }
             Workload::TlsHandshake => "handshake",
             Workload::LargeResponse => "MiB",
             Workload::IdleTls => "connection",
@@ -132,6 +141,15 @@ fn with_wrk(w: Workload, c: &Contestant, env: &Env<'_>, round: usize) -> Result<
         ),
         Workload::LargeResponse => (format!("https://{}{LARGE_PATH}", c.https), 8, vec![host]),
         Workload::HttpKeepAlive => (format!("http://{}{SMALL_PATH}", c.http), 64, vec![host]),
+        // A 401 (a cookie the gate refused) counts as a bad status and fails the run.
+        Workload::HttpsSession => (
+            format!("https://{}{SMALL_PATH}", c.https),
+            64,
+            vec![
+                format!("Host: {}", crate::contestants::SESSION_HOST),
+                crate::contestants::session_cookie_header(),
+            ],
+        ),
         Workload::IdleTls => unreachable!("not a wrk workload"),
     };
     let mut load = WrkLoad {

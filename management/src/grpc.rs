@@ -3,6 +3,7 @@
 //! The proxy token travels as `authorization: Bearer <token>` metadata on every call.
 
 mod agent;
+mod auth;
 mod mappings;
 mod mesh;
 mod proxy_peers;
@@ -136,16 +137,21 @@ impl ProxyService for ProxyServiceImpl {
 
     async fn send_access_log(
         &self,
-        _request: Request<SendAccessLogRequest>,
+        request: Request<SendAccessLogRequest>,
     ) -> Result<Response<SendAccessLogResponse>, Status> {
-        Err(not_yet("SendAccessLog"))
+        let token = self.authenticate(&request).await?;
+        auth::send_access_log(self, &token, request.into_inner().log).await?;
+        Ok(Response::new(SendAccessLogResponse {}))
     }
 
     async fn authenticate(
         &self,
-        _request: Request<AuthenticateRequest>,
+        request: Request<AuthenticateRequest>,
     ) -> Result<Response<AuthenticateResponse>, Status> {
-        Err(not_yet("Authenticate"))
+        let token = ProxyServiceImpl::authenticate(self, &request).await?;
+        auth::authenticate(self, &token, request.into_inner())
+            .await
+            .map(Response::new)
     }
 
     async fn create_proxy_peer(
@@ -166,9 +172,12 @@ impl ProxyService for ProxyServiceImpl {
 
     async fn validate_session(
         &self,
-        _request: Request<ValidateSessionRequest>,
+        request: Request<ValidateSessionRequest>,
     ) -> Result<Response<ValidateSessionResponse>, Status> {
-        Err(not_yet("ValidateSession"))
+        let token = ProxyServiceImpl::authenticate(self, &request).await?;
+        auth::validate_session(self, &token, request.into_inner())
+            .await
+            .map(Response::new)
     }
 
     async fn validate_tunnel_peer(

@@ -3,6 +3,7 @@
 //! both share one store (`store`: SQLite by default, PostgreSQL for several replicas).
 
 pub mod bootstrap;
+pub mod credentials;
 pub mod events;
 pub mod grpc;
 pub mod model;

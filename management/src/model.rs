@@ -1,6 +1,8 @@
 //! The service as users write it (NetBird's `ServiceRequest` shape), its validation, and its
 //! translation into the `ProxyMapping` that proxies receive.
 
+pub mod auth;
+
 use std::collections::BTreeMap;
 use std::time::Duration;
 
@@ -39,7 +41,9 @@ pub struct ServiceRequest {
     #[serde(default)]
     pub rewrite_redirects: bool,
     #[serde(default)]
-    pub auth: Option<serde_json::Value>,
+    pub auth: Option<auth::AuthRequest>,
+    #[serde(default)]
+    pub access_restrictions: Option<auth::Restrictions>,
 }
 
 fn yes() -> bool {
@@ -54,6 +58,11 @@ pub struct ServiceSpec {
     pub targets: Vec<TargetSpec>,
     pub pass_host_header: bool,
     pub rewrite_redirects: bool,
+    /// Which sign-in methods protect the service (the secrets live in `service_auth`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub auth: Option<auth::AuthSummary>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub access_restrictions: Option<auth::Restrictions>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -136,6 +145,8 @@ pub struct ValidService {
     pub requested_cluster: Option<String>,
     pub spec: ServiceSpec,
     pub enabled: bool,
+    /// The methods and the secrets given (hashed by the caller before storing).
+    pub auth: Option<auth::AuthInput>,
 }
 
 impl ServiceRequest {
@@ -164,12 +175,14 @@ impl ServiceRequest {
         };
         // Refuse rather than ignore: a service published without the protection its owner asked
         // for would be worse than an error.
-        if self.auth.as_ref().is_some_and(asks_for_auth) {
-            return invalid(
-                "authentication (password, pin, bearer, header) is not supported by this management \
-                 server yet; remove `auth` or leave every method disabled",
-            );
-        }
+        let auth = match self.auth.clone() {
+            Some(a) => Some(a.validate()?).filter(auth::AuthInput::any),
+            None => None,
+        };
+        let access_restrictions = match self.access_restrictions.clone() {
+            Some(r) => Some(r.validate()?).filter(|r| !r.is_empty()),
+            None => None,
+        };
         let mode = self.mode.unwrap_or_default();
         let mode = if mode.is_empty() {
             "http".to_string()
@@ -216,24 +229,12 @@ impl ServiceRequest {
                 targets: self.targets,
                 pass_host_header: self.pass_host_header,
                 rewrite_redirects: self.rewrite_redirects,
+                auth: auth.as_ref().map(auth::AuthSummary::of),
+                access_restrictions,
             },
             enabled: self.enabled,
+            auth,
         })
-    }
-}
-
-/// True when an `auth` section enables any method (NetBird shape: `{"password_auth":
-/// {"enabled": true, …}, "header_auths": [{"enabled": true, …}], …}`).
-fn asks_for_auth(auth: &serde_json::Value) -> bool {
-    match auth {
-        serde_json::Value::Null => false,
-        serde_json::Value::Object(methods) => methods.values().any(|m| match m {
-            serde_json::Value::Array(list) => list.iter().any(|e| e["enabled"] != false),
-            serde_json::Value::Object(_) => m["enabled"] != false,
-            serde_json::Value::Null => false,
-            _ => true,
-        }),
-        _ => true,
     }
 }
 
@@ -514,6 +515,10 @@ pub fn to_mapping_with(
         rewrite_redirects: spec.rewrite_redirects,
         mode: spec.mode,
         listen_port: i32::try_from(spec.listen_port).unwrap_or(0),
+        access_restrictions: spec
+            .access_restrictions
+            .as_ref()
+            .map(auth::Restrictions::to_proto),
         ..Default::default()
     })
 }
@@ -609,8 +614,11 @@ mod tests {
         hdr["targets"][0]["options"] = serde_json::json!({"custom_headers": {"Host": "x"}});
         assert!(request(hdr).unwrap_err().0.contains("managed by the proxy"));
         let mut auth = base.clone();
-        auth["auth"] = serde_json::json!({"password_auth": {"enabled": true, "password": "x"}});
+        auth["auth"] = serde_json::json!({"bearer_auth": {"enabled": true}});
         assert!(request(auth).unwrap_err().0.contains("not supported"));
+        let mut pw = base.clone();
+        pw["auth"] = serde_json::json!({"password_auth": {"enabled": true, "password": "x"}});
+        assert!(request(pw).unwrap_err().0.contains("8 to 256"));
         let mut off = base;
         off["auth"] = serde_json::json!({"password_auth": {"enabled": false}, "header_auths": []});
         assert!(request(off).is_ok(), "disabled methods are fine");
@@ -637,6 +645,8 @@ mod tests {
             }],
             pass_host_header: true,
             rewrite_redirects: false,
+            auth: None,
+            access_restrictions: None,
         };
         let rec = ServiceRecord {
             id: "id".into(),

@@ -1,11 +1,13 @@
 //! The REST API for people: `Authorization: Token <PAT>`; NetBird's paths and JSON shapes;
 //! errors as `{"message", "code"}`.
 
+mod access_logs;
 mod peers;
 mod resources;
 mod services;
 mod setup_keys;
 
+pub use access_logs::prune_forever;
 pub use peers::{PRIVATE_KEY_PLACEHOLDER, render_wg_quick};
 
 use axum::extract::{FromRequestParts, Path, State};
@@ -65,6 +67,7 @@ pub fn router(state: AppState) -> Router {
         )
         .route("/api/networks/resources/{id}", delete(resources::remove))
         .route("/api/mesh", get(peers::get_mesh).put(peers::put_mesh))
+        .route("/api/events/proxy", get(access_logs::list))
         .route("/api/users", get(list_users).post(create_user))
         .route("/api/users/{id}/tokens", post(create_pat))
         .with_state(state)

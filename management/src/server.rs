@@ -22,6 +22,8 @@ pub struct ManagementConfig {
     pub heartbeat: Duration,
     /// PEM certificate chain and key for the gRPC listener; plaintext when `None`.
     pub grpc_tls: Option<(Vec<u8>, Vec<u8>)>,
+    /// Access logs older than this many days are deleted (0: kept forever).
+    pub access_log_retention_days: u32,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -48,6 +50,7 @@ pub struct Management {
     http: TcpListener,
     heartbeat: Duration,
     grpc_tls: Option<(Vec<u8>, Vec<u8>)>,
+    retention_days: u32,
 }
 
 impl Management {
@@ -67,6 +70,7 @@ impl Management {
             http,
             heartbeat: config.heartbeat,
             grpc_tls: config.grpc_tls.clone(),
+            retention_days: config.access_log_retention_days,
         })
     }
 
@@ -92,6 +96,7 @@ impl Management {
             store: self.store.clone(),
             bus: self.bus.clone(),
         };
+        tokio::spawn(rest::prune_forever(self.store.clone(), self.retention_days));
         let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
         tokio::spawn(async move {
             shutdown.await;

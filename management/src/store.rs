@@ -2,11 +2,13 @@
 //! sqlx's `Any` driver so both run the same queries and migrations. Queries use `$1…$n` in order
 //! of appearance, which both engines bind by position.
 
+mod access_logs;
 mod accounts;
 mod clusters;
 mod mesh_peers;
 mod proxy_tokens;
 mod resources;
+mod service_auth;
 mod services;
 mod setup_keys;
 
@@ -15,6 +17,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use sqlx::any::{AnyPoolOptions, install_default_drivers};
 use sqlx::{AnyPool, Executor};
 
+pub use access_logs::{AccessLogFilter, AccessLogPage, AccessLogRow};
 pub use accounts::{Account, Role, User};
 pub use clusters::{ClusterInfo, ClusterKind, RegisterError};
 pub use mesh_peers::{
@@ -23,6 +26,7 @@ pub use mesh_peers::{
 };
 pub use proxy_tokens::ProxyToken;
 pub use resources::{ResolveError, Resource, ResourceKind};
+pub use service_auth::{HeaderHash, ServiceAuthRow};
 pub use services::{ServiceRecord, ServiceStatus};
 pub use setup_keys::{RegisterAgentError, Registration, SetupKey, SetupKeyType};
 

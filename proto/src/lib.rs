@@ -23,3 +23,5 @@ pub use management::*;
 pub mod mesh {
     tonic::include_proto!("portcullis.mesh.v1");
 }
+
+pub mod session;

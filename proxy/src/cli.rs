@@ -208,6 +208,28 @@ pub struct ProxyArgs {
         value_delimiter = ','
     )]
     pub trusted_proxies: Vec<String>,
+    /// Directory holding a GeoLite2-format country database (`*.mmdb`, a Country database
+    /// preferred over a City one) for services with country restrictions. Read once at start;
+    /// without one, such services are refused rather than served unrestricted.
+    #[arg(
+        long = "geo-data-dir",
+        env = "NB_PROXY_GEO_DATA_DIR",
+        default_value = "/var/lib/netbird/geolocation"
+    )]
+    pub geo_data_dir: std::path::PathBuf,
+
+    /// Expect a PROXY protocol (v1 or v2) header on HTTPS and HTTP connections from
+    /// --trusted-proxies (behind an L4 load balancer); its source becomes the client address.
+    /// Connections from other addresses are taken at their socket address.
+    #[arg(
+        long = "proxy-protocol",
+        env = "NB_PROXY_PROXY_PROTOCOL",
+        action = ArgAction::Set,
+        num_args = 0..=1,
+        default_value_t = false,
+        default_missing_value = "true"
+    )]
+    pub proxy_protocol: bool,
 
     /// Serve services in mode tcp, udp and tls on their own listen ports, and report so to
     /// management.
@@ -361,8 +383,6 @@ pub struct MeshArgs {
 #[derive(Debug, Args, Clone, Default)]
 #[command(next_help_heading = "Accepted for NetBird compatibility, not acted on yet")]
 pub struct NotYetSupported {
-    #[arg(long = "proxy-protocol", env = "NB_PROXY_PROXY_PROTOCOL")]
-    pub proxy_protocol: Option<String>,
     #[arg(
         long = "preshared-key",
         env = "NB_PROXY_PRESHARED_KEY",
@@ -373,8 +393,6 @@ pub struct NotYetSupported {
     pub require_subdomain: Option<String>,
     #[arg(long = "private", env = "NB_PROXY_PRIVATE")]
     pub private: Option<String>,
-    #[arg(long = "geo-data-dir", env = "NB_PROXY_GEO_DATA_DIR")]
-    pub geo_data_dir: Option<String>,
     #[arg(long = "crowdsec-api-url", env = "NB_PROXY_CROWDSEC_API_URL")]
     pub crowdsec_api_url: Option<String>,
     #[arg(
@@ -392,12 +410,10 @@ pub struct NotYetSupported {
 impl NotYetSupported {
     /// Names of the settings that were given a value.
     pub fn set_names(&self) -> Vec<&'static str> {
-        let all: [(&'static str, &Option<String>); 9] = [
-            ("NB_PROXY_PROXY_PROTOCOL", &self.proxy_protocol),
+        let all: [(&'static str, &Option<String>); 7] = [
             ("NB_PROXY_PRESHARED_KEY", &self.preshared_key),
             ("NB_PROXY_REQUIRE_SUBDOMAIN", &self.require_subdomain),
             ("NB_PROXY_PRIVATE", &self.private),
-            ("NB_PROXY_GEO_DATA_DIR", &self.geo_data_dir),
             ("NB_PROXY_CROWDSEC_API_URL", &self.crowdsec_api_url),
             ("NB_PROXY_CROWDSEC_API_KEY", &self.crowdsec_api_key),
             ("NB_PROXY_DEBUG_ENDPOINT", &self.debug_endpoint),

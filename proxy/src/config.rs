@@ -79,6 +79,8 @@ pub struct ProxyConfig {
     pub reload_interval: Duration,
     pub forwarded_proto: ForwardedProto,
     pub trusted_proxies: Vec<IpNet>,
+    /// Connections from trusted proxies start with a PROXY protocol header.
+    pub proxy_protocol: bool,
     pub custom_ports: bool,
     /// Zero: no cap.
     pub max_session_idle: Duration,
@@ -215,6 +217,7 @@ impl ProxyConfig {
             reload_interval: parse_positive("NB_PROXY_RELOAD_INTERVAL", &args.reload_interval)?,
             forwarded_proto,
             trusted_proxies,
+            proxy_protocol: args.proxy_protocol,
             custom_ports: args.supports_custom_ports,
             max_session_idle: parse_duration(
                 "NB_PROXY_MAX_SESSION_IDLE_TIMEOUT",

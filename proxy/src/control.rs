@@ -7,6 +7,7 @@ use std::time::{Duration, SystemTime};
 
 use tokio::signal::unix::{SignalKind, signal};
 
+pub mod auth_calls;
 pub mod management;
 pub mod sources;
 
@@ -83,6 +84,18 @@ pub async fn run(
         tokio::spawn(crate::acme::manager::run(settings, prepared, parts));
     }
     if let Some(link) = management {
+        if let Some(queue) = shared.auth_calls.connect() {
+            tokio::spawn(auth_calls::serve(queue, link.clone()));
+        }
+        let (log_queue, log_rx) = crate::auth::access_log::AccessLogQueue::new();
+        let stats = log_queue.stats.clone();
+        if shared.access_log.set(log_queue).is_ok() {
+            tokio::spawn(crate::auth::access_log::run_to_management(
+                log_rx,
+                stats,
+                link.clone(),
+            ));
+        }
         let (tokens_tx, tokens_rx) = tokio::sync::watch::channel(Default::default());
         // Bounded like the certificate events: a lost event is repaired by the next sync.
         let (mesh_tx, mesh_rx) = tokio::sync::mpsc::channel(256);

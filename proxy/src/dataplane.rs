@@ -4,6 +4,7 @@
 pub mod connect;
 pub mod inbuf;
 pub mod listener;
+pub mod proxy_protocol;
 pub mod pump;
 pub mod readable;
 pub mod upstream;
@@ -52,6 +53,8 @@ pub struct WorkerCtx {
     /// worker's counter, never the cache line every core shares.
     #[allow(clippy::redundant_allocation)]
     routes: RefCell<Rc<Arc<RouteTable>>>,
+    /// Session tokens this worker already verified.
+    pub sessions: RefCell<crate::auth::session_cache::SessionCache>,
 }
 
 impl WorkerCtx {
@@ -175,6 +178,7 @@ async fn worker_main(
         shared: shared.clone(),
         dialer: Dialer::new(tls, shared.mesh.clone()),
         routes,
+        sessions: RefCell::default(),
     });
     let server_tls = shared.tls.clone();
     monoio::spawn(crate::l4::serve_ports(ports, ctx.clone()));
@@ -188,7 +192,12 @@ async fn worker_main(
     tracing::debug!(worker = id, "worker running");
     let https_loop = accept_loop(https, ctx.clone(), move |tcp, peer, ctx, at| {
         let config = server_tls.clone();
-        async move { serve_https(config, tcp, peer, ctx, at).await }
+        async move {
+            let Some((tcp, peer)) = behind_balancer(tcp, peer, &ctx).await else {
+                return;
+            };
+            serve_https(config, tcp, peer, ctx, at).await
+        }
     });
     match http {
         Some(http) => match ctx.shared.config.http_mode {
@@ -199,8 +208,11 @@ async fn worker_main(
                 monoio::join!(https_loop, http_loop);
             }
             HttpMode::Serve => {
-                let http_loop = accept_loop(http, ctx.clone(), |tcp, peer, ctx, at| {
-                    crate::http::connection::serve(tcp, peer, ctx, at, ClientScheme::Http)
+                let http_loop = accept_loop(http, ctx.clone(), |tcp, peer, ctx, at| async move {
+                    let Some((tcp, peer)) = behind_balancer(tcp, peer, &ctx).await else {
+                        return;
+                    };
+                    crate::http::connection::serve(tcp, peer, ctx, at, ClientScheme::Http).await
                 });
                 monoio::join!(https_loop, http_loop);
             }
@@ -261,6 +273,27 @@ where
                     tracing::debug!(error = %e, "accept failed");
                 }
             }
+        }
+    }
+}
+
+/// With `NB_PROXY_PROXY_PROTOCOL`, a connection from a trusted balancer starts with a PROXY
+/// header naming the client; `None` when that header is missing or bad (the connection ends).
+async fn behind_balancer(
+    mut tcp: TcpStream,
+    peer: SocketAddr,
+    ctx: &WorkerCtx,
+) -> Option<(TcpStream, SocketAddr)> {
+    let config = &ctx.shared.config;
+    let ip = crate::routes::access::canonical(peer.ip());
+    if !config.proxy_protocol || !config.trusted_proxies.iter().any(|n| n.contains(&ip)) {
+        return Some((tcp, peer));
+    }
+    match proxy_protocol::read(&mut tcp, peer).await {
+        Ok(client) => Some((tcp, client)),
+        Err(e) => {
+            tracing::debug!(%peer, error = %e, "PROXY header refused");
+            None
         }
     }
 }

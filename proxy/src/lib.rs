@@ -5,11 +5,13 @@
 
 pub mod acme;
 pub mod agent;
+pub mod auth;
 pub mod cli;
 pub mod config;
 pub mod control;
 pub mod dataplane;
 pub mod ebpf;
+pub mod geo;
 pub mod health;
 pub mod http;
 pub mod l4;

@@ -75,6 +75,13 @@ pub struct ServeArgs {
         default_value = "60s"
     )]
     pub heartbeat: String,
+    /// Days access logs are kept; older ones are deleted hourly. 0 keeps them forever.
+    #[arg(
+        long = "access-log-retention-days",
+        env = "PORTCULLIS_ACCESS_LOG_RETENTION_DAYS",
+        default_value_t = 30
+    )]
+    pub access_log_retention_days: u32,
     /// PEM certificate (chain) for the gRPC listener; with --tls-key-file, proxies dial https://.
     #[arg(
         long = "tls-cert-file",
@@ -203,6 +210,7 @@ async fn serve(a: &ServeArgs) -> Result<i32, ManagementCliError> {
         store_url: a.store.url().map_err(ManagementCliError::DataDir)?,
         heartbeat,
         grpc_tls,
+        access_log_retention_days: a.access_log_retention_days,
     };
     let m = Management::bind(&config).await?;
     tracing::info!(

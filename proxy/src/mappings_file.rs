@@ -58,8 +58,33 @@ struct FileService {
     allowed_cidrs: Vec<String>,
     #[serde(default)]
     blocked_cidrs: Vec<String>,
+    /// ISO 3166-1 alpha-2 codes; need the country database of `NB_PROXY_GEO_DATA_DIR`.
+    #[serde(default)]
+    allowed_countries: Vec<String>,
+    #[serde(default)]
+    blocked_countries: Vec<String>,
     #[serde(default, rename = "path")]
     paths: Vec<FilePath>,
+    /// Sessions issued elsewhere (a management this proxy does not talk to, a bench): the
+    /// proxy verifies `nb_session` cookies with `session_key`; without management nobody can
+    /// sign in here, so only holders of a valid session (or nobody) get through.
+    #[serde(default)]
+    auth: Option<FileAuth>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileAuth {
+    /// Base64 Ed25519 public key the session tokens are signed with.
+    session_key: String,
+    #[serde(default)]
+    max_session_age_seconds: i64,
+    #[serde(default)]
+    password: bool,
+    #[serde(default)]
+    pin: bool,
+    #[serde(default)]
+    oidc: bool,
 }
 
 #[derive(Debug, Deserialize)]
@@ -161,7 +186,10 @@ pub fn parse_str(text: &str, origin: &str) -> Result<Vec<ProxyMapping>, Mappings
                 "listen_port is only for tcp, udp and tls services".into(),
             ));
         }
-        let restricted = !svc.allowed_cidrs.is_empty() || !svc.blocked_cidrs.is_empty();
+        let restricted = !svc.allowed_cidrs.is_empty()
+            || !svc.blocked_cidrs.is_empty()
+            || !svc.allowed_countries.is_empty()
+            || !svc.blocked_countries.is_empty();
         let mapping = ProxyMapping {
             id: svc.id.clone(),
             account_id: svc.account_id.clone(),
@@ -174,7 +202,18 @@ pub fn parse_str(text: &str, origin: &str) -> Result<Vec<ProxyMapping>, Mappings
             access_restrictions: restricted.then(|| proto::AccessRestrictions {
                 allowed_cidrs: svc.allowed_cidrs.clone(),
                 blocked_cidrs: svc.blocked_cidrs.clone(),
+                allowed_countries: svc.allowed_countries.clone(),
+                blocked_countries: svc.blocked_countries.clone(),
                 ..Default::default()
+            }),
+            auth: svc.auth.as_ref().map(|a| proto::Authentication {
+                session_key: a.session_key.clone(),
+                max_session_age_seconds: a.max_session_age_seconds,
+                // A file service with auth but no method named still demands a session.
+                password: a.password || !(a.pin || a.oidc),
+                pin: a.pin,
+                oidc: a.oidc,
+                header_auths: Vec::new(),
             }),
             ..Default::default()
         };

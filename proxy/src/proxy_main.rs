@@ -44,6 +44,19 @@ pub enum StartError {
 /// Runs a proxy until SIGTERM/SIGINT; returns the exit code.
 pub fn run(args: &ProxyArgs) -> Result<i32, StartError> {
     let config = ProxyConfig::from_args(args)?;
+    match crate::geo::install(&args.geo_data_dir) {
+        Ok(true) => tracing::info!(
+            database = %crate::geo::database().map(|g| g.path.display().to_string()).unwrap_or_default(),
+            "country database loaded"
+        ),
+        Ok(false) => tracing::info!(
+            dir = %args.geo_data_dir.display(),
+            "no country database (*.mmdb); services with country restrictions will be refused"
+        ),
+        Err(e) => {
+            tracing::error!(error = %e, "country database not loaded; services with country restrictions will be refused")
+        }
+    }
     for name in args.not_yet.set_names() {
         tracing::warn!(
             setting = name,

@@ -3,6 +3,7 @@
 //! Built by the control side from `ProxyMapping`s and published as a whole; workers only read it.
 
 pub mod access;
+pub mod auth;
 pub mod l4;
 mod target;
 
@@ -65,6 +66,10 @@ pub struct Service {
     pub pass_host_header: bool,
     pub rewrite_redirects: bool,
     pub access: AccessPolicy,
+    /// `None`: anyone may use the service (after the access restrictions).
+    pub auth: Option<auth::ServiceAuth>,
+    /// Reachable only over the mesh, authorised per tunnel peer by management.
+    pub private: bool,
     /// Sorted longest prefix first, so the first match wins.
     pub routes: Vec<PathRoute>,
 }
@@ -222,6 +227,9 @@ impl Service {
             rewrite_redirects: m.rewrite_redirects,
             access: AccessPolicy::from_restrictions(m.access_restrictions.as_ref())
                 .map_err(|e| RouteError::L4(e.to_string()))?,
+            auth: auth::ServiceAuth::from_mapping(m.auth.as_ref())
+                .map_err(|e| RouteError::L4(e.to_string()))?,
+            private: m.private,
             routes,
         })
     }

@@ -35,6 +35,12 @@ pub struct Shared {
     pub mesh: Arc<crate::mesh::MeshTable>,
     /// The mesh backend and accounts, for `/healthz`.
     pub mesh_health: std::sync::Mutex<serde_json::Value>,
+    /// Credential checks and session validation, answered by management.
+    pub auth_calls: crate::control::auth_calls::AuthCalls,
+    /// Failed credentials per (service, client address).
+    pub lockout: crate::auth::lockout::Lockout,
+    /// Where access logs go; set once management is configured.
+    pub access_log: OnceLock<crate::auth::access_log::AccessLogQueue>,
 }
 
 /// Counters and flags for health reporting.
@@ -91,6 +97,9 @@ impl Shared {
             mesh_health: std::sync::Mutex::new(
                 serde_json::json!({"backend": "off: no management connection"}),
             ),
+            auth_calls: Default::default(),
+            lockout: Default::default(),
+            access_log: OnceLock::new(),
         }
     }
 

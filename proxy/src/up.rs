@@ -143,6 +143,7 @@ fn start_management(args: &UpArgs) -> Result<Embedded, UpError> {
         heartbeat: crate::management_cli::UP_HEARTBEAT,
         // Everything stays on loopback.
         grpc_tls: None,
+        access_log_retention_days: 7,
     };
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(1)

@@ -25,7 +25,8 @@ fn service_json(r: &ServiceRecord) -> serde_json::Value {
         "enabled": r.enabled,
         "pass_host_header": spec.pass_host_header,
         "rewrite_redirects": spec.rewrite_redirects,
-        "auth": {},
+        "auth": spec.auth.as_ref().map_or_else(|| json!({}), |a| json!(a)),
+        "access_restrictions": spec.access_restrictions,
         "meta": {
             "created_at": rfc3339(r.created_at),
             "status": r.status,
@@ -126,8 +127,9 @@ pub async fn create(
     JsonBody(req): JsonBody<ServiceRequest>,
 ) -> ApiResult<Json<serde_json::Value>> {
     caller.require_admin()?;
-    let (valid, cluster) = prepare(&st, caller.account(), req).await?;
+    let (mut valid, cluster) = prepare(&st, caller.account(), req).await?;
     check_port(&st, &valid, &cluster, None).await?;
+    let auth = credentials(valid.auth.take(), None).await?;
     let t = now();
     let record = ServiceRecord {
         id: secrets::new_id(),
@@ -145,6 +147,14 @@ pub async fn create(
         updated_at: t,
     };
     st.store.insert_service(&record).await?;
+    if let Err(e) = st.store.put_service_auth(&record.id, auth.as_ref()).await {
+        // Never leave a service that asked for protection without it.
+        let _ = st
+            .store
+            .delete_service(&record.account_id, &record.id)
+            .await;
+        return Err(e.into());
+    }
     if record.enabled {
         announce(
             &st,
@@ -169,8 +179,10 @@ pub async fn update(
         .service(caller.account(), &id)
         .await?
         .ok_or_else(|| ApiError::not_found("service"))?;
-    let (valid, cluster) = prepare(&st, caller.account(), req).await?;
+    let (mut valid, cluster) = prepare(&st, caller.account(), req).await?;
     check_port(&st, &valid, &cluster, Some(&old.id)).await?;
+    let previous = st.store.service_auth(&old.id).await?;
+    let auth = credentials(valid.auth.take(), previous).await?;
     let mut new = old.clone();
     new.name = valid.name;
     new.domain = valid.domain;
@@ -180,6 +192,7 @@ pub async fn update(
     new.enabled = valid.enabled;
     new.updated_at = now();
     st.store.update_service(&new).await?;
+    st.store.put_service_auth(&new.id, auth.as_ref()).await?;
     let moved = old.cluster_address != new.cluster_address || old.domain != new.domain;
     if old.enabled && (moved || !new.enabled) {
         announce_removed(&st, &old);
@@ -210,6 +223,29 @@ pub async fn remove(
         announce_removed(&st, &old);
     }
     Ok(Json(json!({})))
+}
+
+/// The stored form of a service's authentication (`None`: unprotected).
+async fn credentials(
+    input: Option<model::auth::AuthInput>,
+    previous: Option<crate::store::ServiceAuthRow>,
+) -> ApiResult<Option<crate::store::ServiceAuthRow>> {
+    let Some(input) = input else {
+        return Ok(None);
+    };
+    match crate::credentials::prepare(input, previous).await {
+        Ok(row) => Ok(Some(row)),
+        Err(crate::credentials::CredentialError::Missing(what)) => Err(ApiError::unprocessable(
+            format!("{what} is required when the method is enabled"),
+        )),
+        Err(e) => {
+            tracing::error!(error = %e, "credentials not prepared");
+            Err(ApiError::new(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "internal server error",
+            ))
+        }
+    }
 }
 
 async fn announce(st: &AppState, r: &ServiceRecord, kind: proto::ProxyMappingUpdateType) {

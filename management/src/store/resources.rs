@@ -253,7 +253,19 @@ impl Store {
             .resolve_targets(&r.account_id, &spec.targets)
             .await
             .map_err(|e| e.to_string())?;
-        model::to_mapping_with(r, &hosts)
+        let mut mapping = model::to_mapping_with(r, &hosts)?;
+        if spec.auth.is_some() {
+            // A protected service without its keys is never sent unprotected.
+            let auth = self
+                .service_auth(&r.id)
+                .await
+                .map_err(|e| e.to_string())?
+                .ok_or_else(|| {
+                    "the service's authentication is missing from the store".to_string()
+                })?;
+            mapping.auth = Some(crate::credentials::to_proto(&auth));
+        }
+        Ok(mapping)
     }
 
     async fn resolve_target(

@@ -156,6 +156,22 @@ impl Store {
         row.as_ref().map(service_from_row).transpose()
     }
 
+    /// The service published at `domain` (domains are unique on the instance).
+    pub async fn service_by_domain(
+        &self,
+        domain: &str,
+    ) -> Result<Option<ServiceRecord>, StoreError> {
+        let row = sqlx::query(concat!(
+            "SELECT ",
+            columns!(),
+            " FROM services WHERE domain = $1"
+        ))
+        .bind(domain)
+        .fetch_optional(self.pool())
+        .await?;
+        row.as_ref().map(service_from_row).transpose()
+    }
+
     pub async fn services(&self, account_id: &str) -> Result<Vec<ServiceRecord>, StoreError> {
         let rows = sqlx::query(concat!(
             "SELECT ",

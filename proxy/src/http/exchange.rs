@@ -2,12 +2,15 @@
 
 use std::net::SocketAddr;
 use std::rc::Rc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use monoio::io::{AsyncReadRent, AsyncWriteRent};
 
+use super::access_log;
 use super::body::{self, BodyError};
+use super::client_ip;
 use super::connection::Conn;
+use super::gate::{self, GateLog, Identity, Verdict};
 use super::head::{Framing, HeadError};
 use super::responses::{self, ProxyStatus};
 use super::rewrite::{self, Forwarding, ResponseContext};
@@ -53,25 +56,87 @@ pub async fn exchange<S: AsyncReadRent + AsyncWriteRent>(
     }
     let table = ctx.routes();
     let head = &conn.head;
-    let route = table
+    let service = table
         .service(&head.host)
-        .and_then(|svc| svc.route(head.path()).map(|r| (svc.clone(), r)));
-    let Some((service, route)) = route else {
+        .filter(|svc| {
+            svc.route(head.path()).is_some()
+                || (svc.auth.is_some() && head.path().starts_with(gate::RESERVED_PREFIX))
+        })
+        .cloned();
+    let Some(service) = service else {
         return answer(client, conn, ProxyStatus::NotFound).await;
     };
     if head.method() == b"CONNECT" {
         return answer(client, conn, ProxyStatus::MethodNotAllowed).await;
     }
-    if !service.access.permits(peer.ip()) {
+    let started = Instant::now();
+    let mut record = RequestRecord::default();
+    let client_ip = client_ip::resolve(peer.ip(), &ctx.shared.config.trusted_proxies, head);
+    if !service.access.permits(client_ip) {
+        record.status = ProxyStatus::Forbidden.code();
+        access_log::record(ctx, &service, conn, client_ip, started, &record);
         return answer(client, conn, ProxyStatus::Forbidden).await;
     }
     tracing::trace!(service = %service.id, path = head.path(), "routing request");
 
-    match forward(client, conn, peer, ctx, &service, route).await {
-        Ok(next) => next,
-        Err(Failure::Status(status)) => answer(client, conn, status).await,
-        Err(Failure::Abort) => Next::Close,
+    if let Some(auth) = &service.auth {
+        match gate::check(
+            client,
+            conn,
+            ctx,
+            &service,
+            auth,
+            client_ip,
+            &mut record.gate,
+        )
+        .await
+        {
+            Verdict::Pass(identity) => record.identity = Some(identity),
+            Verdict::Answered { status, keep_alive } => {
+                record.status = status;
+                access_log::record(ctx, &service, conn, client_ip, started, &record);
+                return if keep_alive {
+                    Next::KeepAlive
+                } else {
+                    Next::Close
+                };
+            }
+        }
     }
+    let route = match service.route(conn.head.path()) {
+        Some(r) => r,
+        None => return answer(client, conn, ProxyStatus::NotFound).await,
+    };
+    let outcome = forward(client, conn, peer, ctx, &service, route, &mut record).await;
+    let next = match outcome {
+        Ok(next) => {
+            record.status = conn.resp.status;
+            next
+        }
+        Err(Failure::Status(status)) => {
+            record.status = status.code();
+            answer(client, conn, status).await
+        }
+        Err(Failure::Abort) => {
+            if record.status == 0 {
+                record.status = 499;
+            }
+            Next::Close
+        }
+    };
+    access_log::record(ctx, &service, conn, client_ip, started, &record);
+    next
+}
+
+/// What the access log needs to know about one exchange.
+#[derive(Debug, Default)]
+pub struct RequestRecord {
+    pub status: u16,
+    pub bytes_up: u64,
+    pub bytes_down: u64,
+    pub gate: GateLog,
+    /// Who the gate let through, for the identity headers.
+    pub identity: Option<Rc<Identity>>,
 }
 
 async fn forward<S: AsyncReadRent + AsyncWriteRent>(
@@ -81,6 +146,7 @@ async fn forward<S: AsyncReadRent + AsyncWriteRent>(
     ctx: &Rc<WorkerCtx>,
     service: &Service,
     route: &PathRoute,
+    record: &mut RequestRecord,
 ) -> Result<Next, Failure> {
     let limits = ctx.shared.config.limits;
     let has_body = conn.head.framing != Framing::None;
@@ -94,6 +160,8 @@ async fn forward<S: AsyncReadRent + AsyncWriteRent>(
             ForwardedProto::Auto => conn.scheme.as_str(),
         },
         expect_handled,
+        identity: record.identity.as_deref(),
+        strip_auth_cookies: service.auth.is_some(),
     };
     // Released while the connection idled; one allocation covers a typical head.
     conn.out.reserve(4096);
@@ -138,7 +206,7 @@ async fn forward<S: AsyncReadRent + AsyncWriteRent>(
             {
                 return Err(Failure::Abort);
             }
-            if let Err(e) = body::copy(
+            match body::copy(
                 client,
                 &mut conn.inbuf,
                 &mut up.stream,
@@ -147,12 +215,15 @@ async fn forward<S: AsyncReadRent + AsyncWriteRent>(
             )
             .await
             {
-                tracing::debug!(service = %service.id, error = %e, "request body not forwarded");
-                return Err(match e {
-                    BodyError::Chunked(_) => Failure::Status(ProxyStatus::BadRequest),
-                    e if e.is_sender_fault() => Failure::Abort,
-                    _ => Failure::Status(ProxyStatus::BadGateway),
-                });
+                Ok(n) => record.bytes_up = n,
+                Err(e) => {
+                    tracing::debug!(service = %service.id, error = %e, "request body not forwarded");
+                    return Err(match e {
+                        BodyError::Chunked(_) => Failure::Status(ProxyStatus::BadRequest),
+                        e if e.is_sender_fault() => Failure::Abort,
+                        _ => Failure::Status(ProxyStatus::BadGateway),
+                    });
+                }
             }
         }
         match read_response_head(&mut up, conn, response_timeout).await {
@@ -191,11 +262,13 @@ async fn forward<S: AsyncReadRent + AsyncWriteRent>(
         dechunk,
     };
     rewrite::client_response(&mut conn.out, &conn.resp, &rctx);
+    let head_len = conn.out.len();
     let body_framing = if switching || dechunk {
         conn.resp.framing
     } else {
         coalesce_buffered_body(conn)
     };
+    let coalesced = (conn.out.len() - head_len) as u64;
     let (res, out) = match monoio::time::timeout(
         limits.idle_timeout,
         write_vec(client, std::mem::take(&mut conn.out)),
@@ -206,6 +279,7 @@ async fn forward<S: AsyncReadRent + AsyncWriteRent>(
         Err(_) => return Err(Failure::Abort),
     };
     conn.out = out;
+    record.status = conn.resp.status;
     if res.is_err() {
         return Err(Failure::Abort);
     }
@@ -217,7 +291,7 @@ async fn forward<S: AsyncReadRent + AsyncWriteRent>(
     } else {
         body::Output::AsIs
     };
-    if let Err(e) = body::copy_as(
+    match body::copy_as(
         &mut up.stream,
         &mut conn.upbuf,
         client,
@@ -227,9 +301,12 @@ async fn forward<S: AsyncReadRent + AsyncWriteRent>(
     )
     .await
     {
-        tracing::debug!(service = %service.id, error = %e, "response body not forwarded");
-        conn.upbuf.consume(usize::MAX);
-        return Err(Failure::Abort);
+        Ok(n) => record.bytes_down = coalesced + n,
+        Err(e) => {
+            tracing::debug!(service = %service.id, error = %e, "response body not forwarded");
+            conn.upbuf.consume(usize::MAX);
+            return Err(Failure::Abort);
+        }
     }
     if conn.resp.keep_alive && conn.upbuf.is_empty() {
         ctx.dialer.release(up);

@@ -116,6 +116,108 @@ pub fn acme_challenge(out: &mut Vec<u8>, key_authorization: Option<&str>, head_o
 
 pub const CONTINUE_100: &[u8] = b"HTTP/1.1 100 Continue\r\n\r\n";
 
+/// A response the proxy writes itself for the authentication gate: any status, extra headers,
+/// a body; `Connection` and `Content-Length` are added when it is written.
+#[derive(Debug)]
+pub struct Page {
+    pub status: u16,
+    pub headers: Vec<(&'static str, String)>,
+    pub content_type: &'static str,
+    pub body: String,
+}
+
+impl Page {
+    pub fn html(status: u16, body: String) -> Self {
+        Self {
+            status,
+            headers: Vec::new(),
+            content_type: "text/html; charset=utf-8",
+            body,
+        }
+    }
+
+    pub fn plain(status: u16, body: &str) -> Self {
+        Self {
+            status,
+            headers: Vec::new(),
+            content_type: "text/plain; charset=utf-8",
+            body: body.to_string(),
+        }
+    }
+
+    pub fn with(mut self, name: &'static str, value: String) -> Self {
+        self.headers.push((name, value));
+        self
+    }
+
+    /// 401 for API clients: no page, a challenge naming the realm.
+    pub fn unauthorized(realm: &str) -> Self {
+        let realm: String = realm.chars().filter(|c| *c != '"' && *c != '\\').collect();
+        Self::plain(401, "Authentication required.\n")
+            .with("WWW-Authenticate", format!("Bearer realm=\"{realm}\""))
+    }
+
+    pub fn too_many(retry_after: std::time::Duration) -> Self {
+        let secs = retry_after.as_secs().max(1);
+        Self::plain(
+            429,
+            &format!("Too many failed attempts. Retry in {secs} seconds.\n"),
+        )
+        .with("Retry-After", secs.to_string())
+    }
+
+    /// A redirect without a body (302 Found, 303 See Other).
+    pub fn redirect(status: u16, location: &str) -> Self {
+        Self {
+            status,
+            headers: vec![("Location", location.to_string())],
+            content_type: "text/plain; charset=utf-8",
+            body: String::new(),
+        }
+    }
+
+    pub fn write(&self, out: &mut Vec<u8>, keep_alive: bool, head_only: bool) {
+        out.clear();
+        let _ = write!(
+            out,
+            "HTTP/1.1 {} {}\r\nContent-Type: {}\r\nContent-Length: {}\r\nCache-Control: no-store\r\n",
+            self.status,
+            reason_phrase(self.status),
+            self.content_type,
+            self.body.len()
+        );
+        for (name, value) in &self.headers {
+            let _ = write!(out, "{name}: {value}\r\n");
+        }
+        let _ = write!(
+            out,
+            "Connection: {}\r\n\r\n",
+            if keep_alive { "keep-alive" } else { "close" }
+        );
+        if !head_only {
+            out.extend_from_slice(self.body.as_bytes());
+        }
+    }
+}
+
+fn reason_phrase(status: u16) -> &'static str {
+    match status {
+        200 => "OK",
+        302 => "Found",
+        303 => "See Other",
+        400 => "Bad Request",
+        401 => "Unauthorized",
+        403 => "Forbidden",
+        408 => "Request Timeout",
+        411 => "Length Required",
+        413 => "Content Too Large",
+        429 => "Too Many Requests",
+        502 => "Bad Gateway",
+        503 => "Service Unavailable",
+        _ => "",
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -130,6 +232,20 @@ mod tests {
         assert!(head.contains(&format!("Content-Length: {}", body.len())));
         assert!(head.contains("Connection: close"));
         assert!(!body.contains("127.0.0.1"));
+    }
+
+    #[test]
+    fn gate_pages_carry_their_headers() {
+        let mut out = Vec::new();
+        Page::too_many(std::time::Duration::from_secs(30)).write(&mut out, true, false);
+        let text = String::from_utf8(out).unwrap();
+        assert!(text.starts_with("HTTP/1.1 429 Too Many Requests\r\n"));
+        assert!(text.contains("Retry-After: 30\r\n"));
+        assert!(text.contains("Connection: keep-alive\r\n"));
+        let mut out = Vec::new();
+        Page::unauthorized("a\"b.example").write(&mut out, false, false);
+        let text = String::from_utf8(out).unwrap();
+        assert!(text.contains("WWW-Authenticate: Bearer realm=\"ab.example\"\r\n"));
     }
 
     #[test]

@@ -7,6 +7,7 @@ use std::net::IpAddr;
 
 use ipnet::IpNet;
 
+use super::gate::Identity;
 use super::head::{RequestHead, ResponseHead};
 use crate::routes::{PathRewrite, PathRoute, Service};
 
@@ -18,7 +19,16 @@ pub struct Forwarding<'a> {
     pub proto: &'a str,
     /// The proxy answered `Expect: 100-continue` itself, so the target must not see it.
     pub expect_handled: bool,
+    /// Who the gate authenticated; sent as `X-NetBird-User` / `X-NetBird-Groups`.
+    pub identity: Option<&'a Identity>,
+    /// The service is protected: the proxy's own cookies (the session) stay with the proxy.
+    pub strip_auth_cookies: bool,
 }
+
+/// Identity headers only the proxy may set: a client's copies are always dropped.
+const IDENTITY_HEADERS: [&[u8]; 2] = [b"x-netbird-user", b"x-netbird-groups"];
+/// The proxy's own cookies, never forwarded from a protected service's clients.
+const AUTH_COOKIES: [&str; 2] = [proto::session::COOKIE_NAME, crate::auth::csrf::COOKIE_NAME];
 
 const FORWARDING_HEADERS: [&[u8]; 3] = [
     b"x-forwarded-for",
@@ -64,6 +74,9 @@ pub fn upstream_request(
                 .iter()
                 .any(|h| name.eq_ignore_ascii_case(h))
             || (fwd.expect_handled && name.eq_ignore_ascii_case(b"expect"))
+            || IDENTITY_HEADERS
+                .iter()
+                .any(|h| name.eq_ignore_ascii_case(h))
             || route
                 .custom_headers
                 .iter()
@@ -71,7 +84,17 @@ pub fn upstream_request(
         {
             continue;
         }
+        if fwd.strip_auth_cookies && name.eq_ignore_ascii_case(b"cookie") {
+            if let Some(kept) = crate::auth::cookies::without(value, &AUTH_COOKIES) {
+                put_header(out, name, kept.as_bytes());
+            }
+            continue;
+        }
         put_header(out, name, value);
+    }
+    if let Some(id) = fwd.identity {
+        put_header(out, b"X-NetBird-User", id.user.as_bytes());
+        put_header(out, b"X-NetBird-Groups", id.groups.as_bytes());
     }
 
     out.extend_from_slice(b"X-Forwarded-For: ");
@@ -238,7 +261,40 @@ mod tests {
             trusted_proxies: trusted,
             proto: "https",
             expect_handled: false,
+            identity: None,
+            strip_auth_cookies: false,
         }
+    }
+
+    #[test]
+    fn identity_headers_are_the_proxys_alone() {
+        let s = service(
+            "/",
+            "http://h:1",
+            PathRewriteMode::PathRewriteDefault,
+            false,
+        );
+        let h = request(b"GET / HTTP/1.1\r\nHost: a\r\nX-NetBird-User: boss@example.com\r\nx-netbird-groups: admins\r\nCookie: a=1; nb_session=secret; nb_csrf=n\r\n\r\n");
+        let mut out = Vec::new();
+        upstream_request(&mut out, &h, &s, &s.routes[0], &fwd(&[]));
+        let text = String::from_utf8(out).unwrap();
+        assert!(!text.to_ascii_lowercase().contains("x-netbird"), "{text}");
+        let id = Identity {
+            user: "a@example.com".into(),
+            groups: "ops,dev".into(),
+            ..Default::default()
+        };
+        let mut f = fwd(&[]);
+        f.identity = Some(&id);
+        f.strip_auth_cookies = true;
+        let mut out = Vec::new();
+        upstream_request(&mut out, &h, &s, &s.routes[0], &f);
+        let text = String::from_utf8(out).unwrap();
+        assert!(text.contains("X-NetBird-User: a@example.com\r\n"), "{text}");
+        assert!(text.contains("X-NetBird-Groups: ops,dev\r\n"), "{text}");
+        assert!(!text.contains("boss@"), "{text}");
+        assert!(text.contains("Cookie: a=1\r\n"), "{text}");
+        assert!(!text.contains("secret"), "{text}");
     }
 
     #[test]

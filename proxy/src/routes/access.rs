@@ -1,4 +1,6 @@
-//! Access restrictions by source address (`AccessRestrictions` of a mapping).
+//! Access restrictions by source address and country (`AccessRestrictions` of a mapping), in
+//! NetBird's order: CIDR allowlist, CIDR blocklist, then countries. The XDP fast path enforces
+//! the CIDR part for L4 ports in the kernel; countries are always checked here.
 
 use std::net::IpAddr;
 
@@ -6,11 +8,14 @@ use ipnet::IpNet;
 use proto::AccessRestrictions;
 
 /// Who may connect: a source in `blocked` never may; when `allowed` is not empty, only sources
-/// in it may.
+/// in it may. Countries likewise; a source whose country is unknown passes only when no country
+/// allowlist is set.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct AccessPolicy {
     pub allowed: Vec<IpNet>,
     pub blocked: Vec<IpNet>,
+    pub allowed_countries: Vec<[u8; 2]>,
+    pub blocked_countries: Vec<[u8; 2]>,
 }
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -18,10 +23,12 @@ pub enum AccessError {
     #[error("{0:?} is not a CIDR or IP address")]
     BadCidr(String),
     #[error(
-        "country restrictions need a GeoIP database, which this proxy does not read yet; \
-         refusing the service rather than serving it unrestricted"
+        "country restrictions need a GeoLite2 country database (*.mmdb) in NB_PROXY_GEO_DATA_DIR, \
+         and none is loaded; refusing the service rather than serving it unrestricted"
     )]
     Countries,
+    #[error("{0:?} is not an ISO 3166-1 alpha-2 country code")]
+    BadCountry(String),
 }
 
 impl AccessPolicy {
@@ -29,25 +36,55 @@ impl AccessPolicy {
         let Some(r) = r else {
             return Ok(Self::default());
         };
-        if !r.allowed_countries.is_empty() || !r.blocked_countries.is_empty() {
+        Self::build(r, crate::geo::database().is_some())
+    }
+
+    fn build(r: &AccessRestrictions, have_geo: bool) -> Result<Self, AccessError> {
+        let allowed_countries = parse_countries(&r.allowed_countries)?;
+        let blocked_countries = parse_countries(&r.blocked_countries)?;
+        let wants_countries = !allowed_countries.is_empty() || !blocked_countries.is_empty();
+        if wants_countries && !have_geo {
             return Err(AccessError::Countries);
         }
         Ok(Self {
             allowed: parse_all(&r.allowed_cidrs)?,
             blocked: parse_all(&r.blocked_cidrs)?,
+            allowed_countries,
+            blocked_countries,
         })
     }
 
     pub fn permits(&self, source: IpAddr) -> bool {
+        self.permits_with(source, |ip| {
+            crate::geo::database().and_then(|g| g.country(ip))
+        })
+    }
+
+    fn permits_with(&self, source: IpAddr, country_of: impl Fn(IpAddr) -> Option<[u8; 2]>) -> bool {
         let source = canonical(source);
+        if !self.allowed.is_empty() && !self.allowed.iter().any(|n| n.contains(&source)) {
+            return false;
+        }
         if self.blocked.iter().any(|n| n.contains(&source)) {
             return false;
         }
-        self.allowed.is_empty() || self.allowed.iter().any(|n| n.contains(&source))
+        if self.allowed_countries.is_empty() && self.blocked_countries.is_empty() {
+            return true;
+        }
+        match country_of(source) {
+            None => self.allowed_countries.is_empty(),
+            Some(c) => {
+                (self.allowed_countries.is_empty() || self.allowed_countries.contains(&c))
+                    && !self.blocked_countries.contains(&c)
+            }
+        }
     }
 
     pub fn is_open(&self) -> bool {
-        self.allowed.is_empty() && self.blocked.is_empty()
+        self.allowed.is_empty()
+            && self.blocked.is_empty()
+            && self.allowed_countries.is_empty()
+            && self.blocked_countries.is_empty()
     }
 }
 
@@ -60,6 +97,19 @@ pub fn canonical(ip: IpAddr) -> IpAddr {
             .unwrap_or(IpAddr::V6(v6)),
         v4 => v4,
     }
+}
+
+fn parse_countries(list: &[String]) -> Result<Vec<[u8; 2]>, AccessError> {
+    list.iter()
+        .map(|c| {
+            let b = c.trim().as_bytes();
+            if b.len() == 2 && b.iter().all(u8::is_ascii_alphabetic) {
+                Ok([b[0].to_ascii_uppercase(), b[1].to_ascii_uppercase()])
+            } else {
+                Err(AccessError::BadCountry(c.clone()))
+            }
+        })
+        .collect()
 }
 
 fn parse_all(list: &[String]) -> Result<Vec<IpNet>, AccessError> {
@@ -109,5 +159,47 @@ mod tests {
             ..Default::default()
         }));
         assert_eq!(countries, Err(AccessError::Countries));
+    }
+
+    #[test]
+    fn countries_after_cidrs() {
+        let geo = crate::geo::Geo::open(std::path::Path::new(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/tests/fixtures/geo-test.mmdb"
+        )))
+        .unwrap();
+        let lookup = |ip| geo.country(ip);
+        let r = AccessRestrictions {
+            blocked_countries: vec!["de".into()],
+            ..Default::default()
+        };
+        let p = AccessPolicy::build(&r, true).unwrap();
+        assert!(!p.is_open());
+        assert!(!p.permits_with("203.0.113.1".parse().unwrap(), lookup));
+        assert!(p.permits_with("198.51.100.1".parse().unwrap(), lookup));
+        assert!(p.permits_with("10.0.0.1".parse().unwrap(), lookup));
+        let r = AccessRestrictions {
+            allowed_countries: vec!["US".into(), "FR".into()],
+            allowed_cidrs: vec!["0.0.0.0/0".into(), "::/0".into()],
+            blocked_cidrs: vec!["198.51.100.7".into()],
+            ..Default::default()
+        };
+        let p = AccessPolicy::build(&r, true).unwrap();
+        assert!(p.permits_with("198.51.100.1".parse().unwrap(), lookup));
+        assert!(p.permits_with("2001:db8::5".parse().unwrap(), lookup));
+        assert!(!p.permits_with("198.51.100.7".parse().unwrap(), lookup));
+        assert!(!p.permits_with("203.0.113.1".parse().unwrap(), lookup));
+        // Unknown country with an allowlist: refused.
+        assert!(!p.permits_with("10.0.0.1".parse().unwrap(), lookup));
+        assert!(matches!(
+            AccessPolicy::build(
+                &AccessRestrictions {
+                    blocked_countries: vec!["Germany".into()],
+                    ..Default::default()
+                },
+                true
+            ),
+            Err(AccessError::BadCountry(_))
+        ));
     }
 }
