@@ -201,16 +201,19 @@ pub struct ProxyArgs {
         default_value = "auto"
     )]
     pub forwarded_proto: String,
-    /// Comma-separated CIDRs whose X-Forwarded-For header is believed and extended.
+    /// Comma-separated CIDRs of proxies in front of this one: their X-Forwarded-For header is
+    /// believed (the client is its right-most address that is not one of them) and extended,
+    /// and with --proxy-protocol their PROXY header is required.
     #[arg(
         long = "trusted-proxies",
         env = "NB_PROXY_TRUSTED_PROXIES",
         value_delimiter = ','
     )]
     pub trusted_proxies: Vec<String>,
-    /// Directory holding a GeoLite2-format country database (`*.mmdb`, a Country database
-    /// preferred over a City one) for services with country restrictions. Read once at start;
-    /// without one, such services are refused rather than served unrestricted.
+    /// Directory holding a GeoLite2-format database (`*.mmdb`: a Country one preferred over a
+    /// City one such as NetBird's GeoLite2-City_<date>.mmdb; the newest name of a kind) for
+    /// services with country restrictions. Read once at start, not downloaded; without one,
+    /// such services are refused rather than served unrestricted.
     #[arg(
         long = "geo-data-dir",
         env = "NB_PROXY_GEO_DATA_DIR",
@@ -218,9 +221,31 @@ pub struct ProxyArgs {
     )]
     pub geo_data_dir: std::path::PathBuf,
 
-    /// Expect a PROXY protocol (v1 or v2) header on HTTPS and HTTP connections from
-    /// --trusted-proxies (behind an L4 load balancer); its source becomes the client address.
-    /// Connections from other addresses are taken at their socket address.
+    /// CrowdSec Local API URL (e.g. http://127.0.0.1:8080). With --crowdsec-api-key, the proxy
+    /// follows its decision stream and services with crowdsec_mode enforce/observe act on it.
+    #[arg(long = "crowdsec-api-url", env = "NB_PROXY_CROWDSEC_API_URL")]
+    pub crowdsec_api_url: Option<String>,
+    /// Bouncer key for the CrowdSec Local API (`cscli bouncers add NAME`).
+    #[arg(
+        long = "crowdsec-api-key",
+        env = "NB_PROXY_CROWDSEC_API_KEY",
+        hide_env_values = true
+    )]
+    pub crowdsec_api_key: Option<String>,
+    /// How often the CrowdSec decision stream is asked for changes.
+    #[arg(
+        long = "crowdsec-interval",
+        env = "PORTCULLIS_CROWDSEC_INTERVAL",
+        default_value = "10s"
+    )]
+    pub crowdsec_interval: String,
+
+    /// Behind an L4 load balancer: connections from --trusted-proxies must start with a PROXY
+    /// protocol (v1 or v2) header, whose source then is the client address (access rules,
+    /// X-Forwarded-For, logs). Applies to the HTTPS listener, the HTTP listener in `serve` mode
+    /// and TCP/TLS service ports; not to UDP, nor to the HTTP redirect/ACME listener. Headers
+    /// from other addresses are not accepted: they are taken at their socket address. Needs
+    /// --trusted-proxies.
     #[arg(
         long = "proxy-protocol",
         env = "NB_PROXY_PROXY_PROTOCOL",
@@ -393,14 +418,6 @@ pub struct NotYetSupported {
     pub require_subdomain: Option<String>,
     #[arg(long = "private", env = "NB_PROXY_PRIVATE")]
     pub private: Option<String>,
-    #[arg(long = "crowdsec-api-url", env = "NB_PROXY_CROWDSEC_API_URL")]
-    pub crowdsec_api_url: Option<String>,
-    #[arg(
-        long = "crowdsec-api-key",
-        env = "NB_PROXY_CROWDSEC_API_KEY",
-        hide_env_values = true
-    )]
-    pub crowdsec_api_key: Option<String>,
     #[arg(long = "debug-endpoint", env = "NB_PROXY_DEBUG_ENDPOINT")]
     pub debug_endpoint: Option<String>,
     #[arg(long = "debug-endpoint-addr", env = "NB_PROXY_DEBUG_ENDPOINT_ADDRESS")]
@@ -410,12 +427,10 @@ pub struct NotYetSupported {
 impl NotYetSupported {
     /// Names of the settings that were given a value.
     pub fn set_names(&self) -> Vec<&'static str> {
-        let all: [(&'static str, &Option<String>); 7] = [
+        let all: [(&'static str, &Option<String>); 5] = [
             ("NB_PROXY_PRESHARED_KEY", &self.preshared_key),
             ("NB_PROXY_REQUIRE_SUBDOMAIN", &self.require_subdomain),
             ("NB_PROXY_PRIVATE", &self.private),
-            ("NB_PROXY_CROWDSEC_API_URL", &self.crowdsec_api_url),
-            ("NB_PROXY_CROWDSEC_API_KEY", &self.crowdsec_api_key),
             ("NB_PROXY_DEBUG_ENDPOINT", &self.debug_endpoint),
             (
                 "NB_PROXY_DEBUG_ENDPOINT_ADDRESS",

@@ -34,6 +34,8 @@ pub enum ConfigError {
     BadCidr { value: String },
     #[error("{0}")]
     BadAcme(String),
+    #[error("{0}")]
+    BadCrowdsec(String),
 }
 
 /// Which io driver the workers run.
@@ -81,6 +83,8 @@ pub struct ProxyConfig {
     pub trusted_proxies: Vec<IpNet>,
     /// Connections from trusted proxies start with a PROXY protocol header.
     pub proxy_protocol: bool,
+    /// The CrowdSec Local API to follow, when configured.
+    pub crowdsec: Option<crate::crowdsec::CrowdsecSettings>,
     pub custom_ports: bool,
     /// Zero: no cap.
     pub max_session_idle: Duration,
@@ -218,6 +222,7 @@ impl ProxyConfig {
             forwarded_proto,
             trusted_proxies,
             proxy_protocol: args.proxy_protocol,
+            crowdsec: crowdsec_settings(args)?,
             custom_ports: args.supports_custom_ports,
             max_session_idle: parse_duration(
                 "NB_PROXY_MAX_SESSION_IDLE_TIMEOUT",
@@ -315,6 +320,42 @@ pub fn display_host(addr: &SocketAddr) -> String {
         IpAddr::V6(ip) => format!("[{ip}]"),
         IpAddr::V4(ip) => ip.to_string(),
     }
+}
+
+fn crowdsec_settings(
+    args: &ProxyArgs,
+) -> Result<Option<crate::crowdsec::CrowdsecSettings>, ConfigError> {
+    let url = args
+        .crowdsec_api_url
+        .as_deref()
+        .map(str::trim)
+        .filter(|s| !s.is_empty());
+    let key = args
+        .crowdsec_api_key
+        .as_deref()
+        .map(str::trim)
+        .filter(|s| !s.is_empty());
+    let (url, key) = match (url, key) {
+        (None, None) => return Ok(None),
+        (Some(u), Some(k)) => (u, k),
+        _ => {
+            return Err(ConfigError::BadCrowdsec(
+                "NB_PROXY_CROWDSEC_API_URL and NB_PROXY_CROWDSEC_API_KEY go together: set both or neither"
+                    .into(),
+            ));
+        }
+    };
+    if !(url.starts_with("http://") || url.starts_with("https://")) {
+        return Err(ConfigError::BadCrowdsec(format!(
+            "NB_PROXY_CROWDSEC_API_URL: {url:?} must start with http:// or https://"
+        )));
+    }
+    let interval = parse_positive("PORTCULLIS_CROWDSEC_INTERVAL", &args.crowdsec_interval)?;
+    Ok(Some(crate::crowdsec::CrowdsecSettings {
+        url: url.to_string(),
+        api_key: key.to_string(),
+        interval,
+    }))
 }
 
 #[cfg(test)]

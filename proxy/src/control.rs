@@ -83,6 +83,9 @@ pub async fn run(
         };
         tokio::spawn(crate::acme::manager::run(settings, prepared, parts));
     }
+    if let Some(bouncer) = shared.crowdsec.clone() {
+        tokio::spawn(crate::crowdsec::run(bouncer));
+    }
     if let Some(link) = management {
         if let Some(queue) = shared.auth_calls.connect() {
             tokio::spawn(auth_calls::serve(queue, link.clone()));

@@ -89,6 +89,13 @@ pub fn start(
     upstream_tls: UpstreamTls,
 ) -> Result<Vec<std::thread::JoinHandle<()>>, WorkerError> {
     let driver = pick_driver(shared.config.io_driver);
+    if shared.config.proxy_protocol && shared.config.trusted_proxies.is_empty() {
+        tracing::warn!(
+            "NB_PROXY_PROXY_PROTOCOL is on but NB_PROXY_TRUSTED_PROXIES is empty: PROXY headers \
+             are accepted only from trusted proxies, so none will be; set NB_PROXY_TRUSTED_PROXIES \
+             to the load balancer's addresses"
+        );
+    }
     let _ = shared.status.io_driver.set(driver);
     let (ready_tx, ready_rx) = mpsc::channel::<Result<(), WorkerError>>();
     let mut handles = Vec::new();
@@ -202,6 +209,8 @@ async fn worker_main(
     match http {
         Some(http) => match ctx.shared.config.http_mode {
             HttpMode::Redirect => {
+                // No PROXY header here: like NetBird's port-80 (http-01) listener, the redirect
+                // and ACME answers are served to whoever connects, so a balancer forwards it plain.
                 let http_loop = accept_loop(http, ctx.clone(), |tcp, _peer, ctx, at| {
                     crate::http::redirect::serve(tcp, ctx, at)
                 });
@@ -280,22 +289,13 @@ where
 /// With `NB_PROXY_PROXY_PROTOCOL`, a connection from a trusted balancer starts with a PROXY
 /// header naming the client; `None` when that header is missing or bad (the connection ends).
 async fn behind_balancer(
-    mut tcp: TcpStream,
+    tcp: TcpStream,
     peer: SocketAddr,
     ctx: &WorkerCtx,
 ) -> Option<(TcpStream, SocketAddr)> {
-    let config = &ctx.shared.config;
-    let ip = crate::routes::access::canonical(peer.ip());
-    if !config.proxy_protocol || !config.trusted_proxies.iter().any(|n| n.contains(&ip)) {
-        return Some((tcp, peer));
-    }
-    match proxy_protocol::read(&mut tcp, peer).await {
-        Ok(client) => Some((tcp, client)),
-        Err(e) => {
-            tracing::debug!(%peer, error = %e, "PROXY header refused");
-            None
-        }
-    }
+    proxy_protocol::accept(tcp, peer, &ctx.shared.config)
+        .await
+        .map(|(tcp, origin)| (tcp, origin.client))
 }
 
 async fn serve_https(

@@ -48,6 +48,7 @@ pub fn report(shared: &Shared) -> serde_json::Value {
         "acme": shared.config.acme.as_ref().map(|_| shared.acme_board.snapshot()),
         "mesh": shared.mesh_health.lock().map(|h| h.clone()).unwrap_or_default(),
         "access_log": shared.access_log.get().map(|q| q.stats.snapshot()),
+        "crowdsec": shared.crowdsec.as_ref().map(|b| b.health()),
         "auth": {
             "lockout_entries": shared.lockout.len(),
             "lockout_capacity": shared.lockout.capacity(),

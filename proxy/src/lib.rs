@@ -9,6 +9,7 @@ pub mod auth;
 pub mod cli;
 pub mod config;
 pub mod control;
+pub mod crowdsec;
 pub mod dataplane;
 pub mod ebpf;
 pub mod geo;

@@ -63,6 +63,9 @@ struct FileService {
     allowed_countries: Vec<String>,
     #[serde(default)]
     blocked_countries: Vec<String>,
+    /// off (default), enforce or observe: needs NB_PROXY_CROWDSEC_API_URL.
+    #[serde(default)]
+    crowdsec_mode: String,
     #[serde(default, rename = "path")]
     paths: Vec<FilePath>,
     /// Sessions issued elsewhere (a management this proxy does not talk to, a bench): the
@@ -189,7 +192,8 @@ pub fn parse_str(text: &str, origin: &str) -> Result<Vec<ProxyMapping>, Mappings
         let restricted = !svc.allowed_cidrs.is_empty()
             || !svc.blocked_cidrs.is_empty()
             || !svc.allowed_countries.is_empty()
-            || !svc.blocked_countries.is_empty();
+            || !svc.blocked_countries.is_empty()
+            || !svc.crowdsec_mode.is_empty();
         let mapping = ProxyMapping {
             id: svc.id.clone(),
             account_id: svc.account_id.clone(),
@@ -204,7 +208,7 @@ pub fn parse_str(text: &str, origin: &str) -> Result<Vec<ProxyMapping>, Mappings
                 blocked_cidrs: svc.blocked_cidrs.clone(),
                 allowed_countries: svc.allowed_countries.clone(),
                 blocked_countries: svc.blocked_countries.clone(),
-                ..Default::default()
+                crowdsec_mode: svc.crowdsec_mode.clone(),
             }),
             auth: svc.auth.as_ref().map(|a| proto::Authentication {
                 session_key: a.session_key.clone(),

@@ -76,6 +76,7 @@ pub fn run(args: &ProxyArgs) -> Result<i32, StartError> {
             )
             .map(|mut link| {
                 link.custom_ports = config.custom_ports;
+                link.crowdsec = config.crowdsec.is_some();
                 link
             })?,
         ),

@@ -70,6 +70,7 @@ pub struct Service {
     pub auth: Option<auth::ServiceAuth>,
     /// Reachable only over the mesh, authorised per tunnel peer by management.
     pub private: bool,
+    pub crowdsec: crate::crowdsec::CrowdsecMode,
     /// Sorted longest prefix first, so the first match wins.
     pub routes: Vec<PathRoute>,
 }
@@ -230,6 +231,7 @@ impl Service {
             auth: auth::ServiceAuth::from_mapping(m.auth.as_ref())
                 .map_err(|e| RouteError::L4(e.to_string()))?,
             private: m.private,
+            crowdsec: crowdsec_mode(m)?,
             routes,
         })
     }
@@ -239,6 +241,15 @@ impl Service {
     pub fn route(&self, path: &str) -> Option<&PathRoute> {
         self.routes.iter().find(|r| prefix_matches(&r.prefix, path))
     }
+}
+
+/// The service's CrowdSec mode (`off` without restrictions).
+pub fn crowdsec_mode(m: &ProxyMapping) -> Result<crate::crowdsec::CrowdsecMode, RouteError> {
+    let mode = m
+        .access_restrictions
+        .as_ref()
+        .map_or("", |r| r.crowdsec_mode.as_str());
+    crate::crowdsec::CrowdsecMode::parse(mode).map_err(RouteError::L4)
 }
 
 fn prefix_matches(prefix: &str, path: &str) -> bool {

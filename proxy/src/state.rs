@@ -39,6 +39,8 @@ pub struct Shared {
     pub auth_calls: crate::control::auth_calls::AuthCalls,
     /// Failed credentials per (service, client address).
     pub lockout: crate::auth::lockout::Lockout,
+    /// The CrowdSec bouncer's decisions, when NB_PROXY_CROWDSEC_API_URL is set.
+    pub crowdsec: Option<Arc<crate::crowdsec::Bouncer>>,
     /// Where access logs go; set once management is configured.
     pub access_log: OnceLock<crate::auth::access_log::AccessLogQueue>,
 }
@@ -80,7 +82,12 @@ impl Shared {
         acme_challenges: Arc<crate::acme::Challenges>,
     ) -> Self {
         let (drain_tx, _) = watch::channel(false);
+        let crowdsec = config
+            .crowdsec
+            .clone()
+            .map(|s| Arc::new(crate::crowdsec::Bouncer::new(s)));
         Self {
+            crowdsec,
             config,
             routes: ArcSwap::from_pointee(routes),
             certs,

@@ -1,8 +1,11 @@
 //! Helpers for Portcullis end-to-end tests: real target servers, certificates, process control.
 
+pub mod auth_setup;
 pub mod backend;
+pub mod browser;
 pub mod certs;
 pub mod client;
+pub mod crowdsec;
 pub mod grpc_peer;
 pub mod l4_client;
 pub mod l4_targets;

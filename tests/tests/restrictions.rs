@@ -211,3 +211,61 @@ fn proxy_protocol_from_trusted_balancers_only() {
         403
     );
 }
+
+#[test]
+fn proxy_protocol_on_l4_ports() {
+    let echo = Target::tcp_echo(true);
+    let l4_port = free_port();
+    let mappings = format!(
+        "[[service]]\nid = \"l4pp\"\ndomain = \"l4pp.test.internal\"\nmode = \"tcp\"\n\
+         listen_port = {l4_port}\nblocked_countries = [\"DE\"]\n\
+         [[service.path]]\ntarget = \"{}\"\nproxy_protocol = true\n",
+        echo.addr
+    );
+    let p = Proxy::start(
+        ProxyOptions::new(mappings)
+            .env("NB_PROXY_GEO_DATA_DIR", &geo_dir())
+            .env("NB_PROXY_TRUSTED_PROXIES", "127.0.0.1/32")
+            .env("NB_PROXY_PROXY_PROTOCOL", "true")
+            .env("PORTCULLIS_EBPF", "off"),
+    );
+    p.wait_health("one service", |h| h["services"] == 1);
+    let dst: SocketAddr = format!("127.0.0.1:{l4_port}").parse().unwrap();
+    // What comes back of `preface` + "ping" sent from `source`: "ping" when the proxy took the
+    // preface as a PROXY header, all of it when it forwarded it, nothing when it closed.
+    let echoed = |source: Ipv4Addr, preface: &[u8]| -> Vec<u8> {
+        let mut s = tcp_from(source, dst, Duration::from_secs(5)).expect("connect");
+        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        let _ = s.write_all(&[preface, b"ping"].concat());
+        let _ = s.shutdown(std::net::Shutdown::Write);
+        let mut out = Vec::new();
+        let _ = s.read_to_end(&mut out);
+        out
+    };
+    let v1 = |client: &str| format!("PROXY TCP4 {client} 127.0.0.1 40000 {l4_port}\r\n");
+    let local = Ipv4Addr::LOCALHOST;
+    // From the trusted balancer, the header's source is the client: US passes, DE is cut.
+    assert_eq!(echoed(local, v1("198.51.100.5").as_bytes()), b"ping");
+    assert_eq!(echoed(local, v1("203.0.113.5").as_bytes()), b"");
+    // The target's own PROXY header names that client, not the balancer.
+    let headers = echo.proxy_headers.lock().unwrap().clone();
+    assert_eq!(headers.len(), 1, "{headers:?}");
+    assert_eq!(headers[0][13], 0x11, "IPv4 stream");
+    assert_eq!(&headers[0][16..20], &[198, 51, 100, 5]);
+    assert_eq!(u16::from_be_bytes([headers[0][24], headers[0][25]]), 40000);
+    // A trusted sender without the header is refused.
+    assert_eq!(echoed(local, b""), b"");
+    // An untrusted sender is its socket address (127.0.0.3 is US, 127.0.0.2 DE), and a header it
+    // sends is not believed: it reaches the target as data.
+    assert_eq!(echoed(Ipv4Addr::new(127, 0, 0, 3), b""), b"ping");
+    assert_eq!(echoed(Ipv4Addr::new(127, 0, 0, 2), b""), b"");
+    let forged = v1("203.0.113.5");
+    assert_eq!(
+        echoed(Ipv4Addr::new(127, 0, 0, 3), forged.as_bytes()),
+        [forged.as_bytes(), b"ping"].concat()
+    );
+    assert_eq!(
+        echoed(Ipv4Addr::new(127, 0, 0, 2), v1("198.51.100.5").as_bytes()),
+        b""
+    );
+}

@@ -13,6 +13,7 @@ use std::time::Instant;
 
 use anyhow::{Context, Result, bail};
 
+mod crowdsec;
 mod ebpf;
 mod postgres;
 
@@ -29,6 +30,9 @@ const APT_PACKAGES: &[(&str, &str)] = &[
     ("wireguard-tools", "wg"),
     ("iproute2", "ip"),
     ("nftables", "nft"),
+    // A real browser for the sign-in pages, driven over WebDriver: `tests/tests/browser.rs`.
+    ("chromium", "chromium"),
+    ("chromium-driver", "chromedriver"),
 ];
 
 /// Debian packages the benchmark harness uses: the peers, the load generator, pinning.
@@ -97,7 +101,7 @@ fn cargo() -> Command {
     c
 }
 
-fn run(what: &str, cmd: &mut Command) -> Result<()> {
+pub(crate) fn run(what: &str, cmd: &mut Command) -> Result<()> {
     let started = Instant::now();
     eprintln!("==> {what}");
     let status = cmd
@@ -210,6 +214,7 @@ fn test(args: &[String]) -> Result<()> {
         // The package is there but its server binaries are not: reinstall them.
         ensure_apt_forced(&["postgresql"])?;
     }
+    let crowdsec = crowdsec::ensure(&root().join("target"))?;
     let pg = postgres::TestPostgres::start(&root().join("target"))?;
     let result = run(
         "cargo test --release (unit and end-to-end tiers)",
@@ -217,6 +222,7 @@ fn test(args: &[String]) -> Result<()> {
             .args(["test", "--release", "--workspace", "--no-fail-fast"])
             .env("PORTCULLIS_BIN", &bin)
             .env("PORTCULLIS_TEST_PG_URL", &pg.url)
+            .env("PORTCULLIS_TEST_CROWDSEC_DIR", &crowdsec)
             .env("RUST_BACKTRACE", "1"),
     );
     drop(pg);

@@ -50,6 +50,8 @@ pub struct ManagementLink {
     pub require_subdomain: bool,
     /// Reported to management as `supports_custom_ports`.
     pub custom_ports: bool,
+    /// Reported as `supports_crowdsec`: a bouncer is configured.
+    pub crowdsec: bool,
 }
 
 impl ManagementLink {
@@ -104,6 +106,7 @@ impl ManagementLink {
             proxy_id,
             require_subdomain,
             custom_ports: true,
+            crowdsec: false,
         })
     }
 
@@ -123,7 +126,7 @@ impl ManagementLink {
         ProxyCapabilities {
             supports_custom_ports: Some(self.custom_ports),
             require_subdomain: Some(self.require_subdomain),
-            supports_crowdsec: Some(false),
+            supports_crowdsec: Some(self.crowdsec),
             private: Some(false),
             supports_private_service: Some(false),
         }

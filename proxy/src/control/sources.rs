@@ -152,8 +152,13 @@ fn update_fast_path(shared: &Shared, l4: &L4Table) {
         let services = l4.services_on(transport, port);
         // Several TLS services share a port; the kernel can only drop what every one of them
         // refuses, so only a port with one service gets its restrictions in XDP.
+        // Behind a balancer speaking PROXY protocol the packets' source is the balancer, not
+        // the client: only user space (which reads the header) can judge those ports.
+        let behind_balancer = transport == Transport::Tcp
+            && shared.config.proxy_protocol
+            && !shared.config.trusted_proxies.is_empty();
         let (allowed, blocked) = match services.as_slice() {
-            [one] => (one.access.allowed.clone(), one.access.blocked.clone()),
+            [one] if !behind_balancer => (one.access.allowed.clone(), one.access.blocked.clone()),
             _ => (Vec::new(), Vec::new()),
         };
         specs.push(PortPolicySpec {

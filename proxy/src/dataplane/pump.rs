@@ -5,15 +5,17 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use monoio::io::{AsyncReadRent, AsyncWriteRent, AsyncWriteRentExt};
 
 /// Copies from `src` to `dst` (after `pending`, bytes already read) until `src` ends or either
-/// side fails; every chunk is added to `counter` when one is given.
+/// side fails; every chunk is added to `counter` when one is given. Returns the bytes taken
+/// from `src` (with `pending`).
 pub async fn pump<R: AsyncReadRent, W: AsyncWriteRent>(
     src: &mut R,
     dst: &mut W,
     pending: Vec<u8>,
     counter: Option<&AtomicU64>,
-) {
+) -> u64 {
+    let mut moved = pending.len() as u64;
     if !pending.is_empty() && dst.write_all(pending).await.0.is_err() {
-        return;
+        return 0;
     }
     let mut buf = Vec::with_capacity(16 * 1024);
     loop {
@@ -25,8 +27,9 @@ pub async fn pump<R: AsyncReadRent, W: AsyncWriteRent>(
                 monoio::time::sleep(std::time::Duration::from_millis(1)).await;
                 continue;
             }
-            Ok(0) | Err(_) => return,
+            Ok(0) | Err(_) => return moved,
             Ok(n) => {
+                moved += n as u64;
                 if let Some(c) = counter {
                     c.fetch_add(n as u64, Ordering::Relaxed);
                 }
@@ -35,7 +38,7 @@ pub async fn pump<R: AsyncReadRent, W: AsyncWriteRent>(
         let (res, b) = dst.write_all(buf).await;
         buf = b;
         if res.is_err() {
-            return;
+            return moved;
         }
         buf.clear();
     }

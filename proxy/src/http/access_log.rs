@@ -10,6 +10,37 @@ use super::exchange::RequestRecord;
 use crate::dataplane::WorkerCtx;
 use crate::routes::Service;
 
+/// One entry per L4 TCP connection, when it ends. A spliced connection's bytes travel in the
+/// kernel: they are not counted (`metadata.spliced`).
+pub fn record_l4(
+    ctx: &Rc<WorkerCtx>,
+    service: &crate::routes::L4Service,
+    client_ip: IpAddr,
+    started: Instant,
+    (up, down): (u64, u64),
+    spliced: bool,
+) {
+    let Some(queue) = ctx.shared.access_log.get() else {
+        return;
+    };
+    let mut entry = proto::AccessLog {
+        account_id: service.account_id.clone(),
+        service_id: service.id.clone(),
+        host: service.domain.clone(),
+        duration_ms: started.elapsed().as_millis().min(i64::MAX as u128) as i64,
+        source_ip: crate::routes::access::canonical(client_ip).to_string(),
+        auth_success: true,
+        bytes_upload: up.min(i64::MAX as u64) as i64,
+        bytes_download: down.min(i64::MAX as u64) as i64,
+        protocol: "tcp".to_string(),
+        ..Default::default()
+    };
+    if spliced {
+        entry.metadata.insert("spliced".into(), "true".into());
+    }
+    queue.push(entry);
+}
+
 pub fn record(
     ctx: &Rc<WorkerCtx>,
     service: &Service,
@@ -45,5 +76,9 @@ pub fn record(
         protocol: "http".to_string(),
         ..Default::default()
     };
+    let mut entry = entry;
+    if let Some(v) = &rec.crowdsec_verdict {
+        entry.metadata.insert("crowdsec_verdict".into(), v.clone());
+    }
     queue.push(entry);
 }

@@ -12,6 +12,11 @@ use crate::routes::access::canonical;
 /// Most `X-Forwarded-For` entries looked at (a bounded cost for hostile headers).
 const MAX_HOPS: usize = 32;
 
+/// The client of a request that came from `peer` (the socket peer, or the source of the PROXY
+/// header a trusted balancer sent): `peer` itself unless it is in `trusted`, else the right-most
+/// `X-Forwarded-For` hop, over all such header lines, that is not trusted. Canonical (no
+/// IPv4-mapped IPv6 form). Use it for access rules, lockout and logs; what is forwarded to the
+/// target in `X-Forwarded-For` is `http::rewrite`'s business.
 pub fn resolve(peer: IpAddr, trusted: &[IpNet], head: &RequestHead) -> IpAddr {
     let peer = canonical(peer);
     if trusted.is_empty() || !is_trusted(peer, trusted) {
@@ -34,11 +39,13 @@ fn from_chain(peer: IpAddr, trusted: &[IpNet], values: &[&[u8]]) -> IpAddr {
         .flat_map(|v| v.rsplit(|b| *b == b','))
         .take(MAX_HOPS);
     for hop in hops {
-        let Some(ip) = std::str::from_utf8(hop)
-            .ok()
-            .and_then(|s| s.trim().parse::<IpAddr>().ok())
-        else {
-            // A garbled entry: nothing left of it can be trusted.
+        let hop = hop.trim_ascii();
+        if hop.is_empty() {
+            // `a,,b` or a trailing comma: nobody's entry.
+            continue;
+        }
+        let Some(ip) = parse_hop(hop) else {
+            // A garbled entry: nothing left of it can be trusted, so the last good hop stands.
             break;
         };
         client = canonical(ip);
@@ -47,6 +54,15 @@ fn from_chain(peer: IpAddr, trusted: &[IpNet], values: &[&[u8]]) -> IpAddr {
         }
     }
     client
+}
+
+/// An address, with or without a port (some balancers append `203.0.113.5:41000` or
+/// `[2001:db8::5]:41000`).
+fn parse_hop(hop: &[u8]) -> Option<IpAddr> {
+    let s = std::str::from_utf8(hop).ok()?;
+    s.parse::<IpAddr>()
+        .ok()
+        .or_else(|| s.parse::<std::net::SocketAddr>().ok().map(|a| a.ip()))
 }
 
 fn is_trusted(ip: IpAddr, trusted: &[IpNet]) -> bool {
@@ -109,7 +125,33 @@ mod tests {
             resolve(ip("10.0.0.2"), &trusted, &head(&[])),
             ip("10.0.0.2")
         );
-        // Garbage stops the walk.
+        // Entries with ports, empty entries and whitespace.
+        assert_eq!(
+            resolve(
+                ip("10.0.0.2"),
+                &trusted,
+                &head(&["6.6.6.6, 203.0.113.9:41000 ,, 10.3.3.3:80,"])
+            ),
+            ip("203.0.113.9")
+        );
+        assert_eq!(
+            resolve(ip("10.0.0.2"), &trusted, &head(&["[2001:db8::5]:443"])),
+            ip("2001:db8::5")
+        );
+        // A trusted IPv4-mapped hop is trusted as its IPv4 address.
+        assert_eq!(
+            resolve(
+                ip("10.0.0.2"),
+                &trusted,
+                &head(&["203.0.113.9, ::ffff:10.4.4.4"])
+            ),
+            ip("203.0.113.9")
+        );
+        // Garbage stops the walk: the last good hop stands, never anything left of it.
+        assert_eq!(
+            resolve(ip("10.0.0.2"), &trusted, &head(&["6.6.6.6, junk"])),
+            ip("10.0.0.2")
+        );
         assert_eq!(
             resolve(
                 ip("10.0.0.2"),

@@ -72,7 +72,14 @@ pub async fn exchange<S: AsyncReadRent + AsyncWriteRent>(
     let started = Instant::now();
     let mut record = RequestRecord::default();
     let client_ip = client_ip::resolve(peer.ip(), &ctx.shared.config.trusted_proxies, head);
-    if !service.access.permits(client_ip) {
+    let crowdsec =
+        crate::crowdsec::check(ctx.shared.crowdsec.as_deref(), service.crowdsec, client_ip);
+    let refused_by_crowdsec = crowdsec.as_ref().is_some_and(|(_, refuse)| *refuse);
+    if let Some((verdict, refuse)) = &crowdsec {
+        tracing::info!(client = %client_ip, service = %service.id, %verdict, refused = refuse, "CrowdSec verdict");
+    }
+    record.crowdsec_verdict = crowdsec.map(|(verdict, _)| verdict);
+    if !service.access.permits(client_ip) || refused_by_crowdsec {
         record.status = ProxyStatus::Forbidden.code();
         access_log::record(ctx, &service, conn, client_ip, started, &record);
         return answer(client, conn, ProxyStatus::Forbidden).await;
@@ -135,6 +142,8 @@ pub struct RequestRecord {
     pub bytes_up: u64,
     pub bytes_down: u64,
     pub gate: GateLog,
+    /// What CrowdSec said about the client (`metadata.crowdsec_verdict`).
+    pub crowdsec_verdict: Option<String>,
     /// Who the gate let through, for the identity headers.
     pub identity: Option<Rc<Identity>>,
 }

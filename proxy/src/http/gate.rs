@@ -165,7 +165,8 @@ async fn decide<S: AsyncReadRent + AsyncWriteRent>(
         )
         .await;
     }
-    login_form(conn, service, auth, None, 401)
+    let return_to = safe_return_to(conn.head.path_and_query());
+    login_form(conn, service, auth, None, 401, &return_to)
 }
 
 /// The login page with a fresh CSRF nonce in its forms and cookie.
@@ -175,16 +176,12 @@ fn login_form(
     auth: &ServiceAuth,
     error: Option<&str>,
     status: u16,
+    return_to: &str,
 ) -> Reply {
     let nonce = csrf::new_nonce();
-    let return_to = if conn.head.path() == LOGIN_PATH {
-        "/".to_string()
-    } else {
-        safe_return_to(conn.head.path_and_query())
-    };
     let sso_url = auth
         .oidc
-        .then(|| format!("{SSO_PATH}?return_to={}", percent_encode(&return_to)));
+        .then(|| format!("{SSO_PATH}?return_to={}", percent_encode(return_to)));
     let page = login_page::render(&login_page::LoginPage {
         domain: &service.domain,
         password: auth.password,
@@ -192,7 +189,7 @@ fn login_form(
         sso_url: sso_url.as_deref(),
         error,
         csrf: &nonce,
-        return_to: &return_to,
+        return_to,
         action: LOGIN_PATH,
     });
     let cookie = csrf::set_cookie_header(&nonce, conn.scheme == ClientScheme::Https);
@@ -223,9 +220,16 @@ async fn login<S: AsyncReadRent + AsyncWriteRent>(
             auth,
             Some("The form was not understood."),
             400,
+            "/",
         );
     };
-    let origin = format!("{}://{}", conn.scheme.as_str(), conn.head.host);
+    let return_to = safe_return_to(fields.get("return_to").unwrap_or("/"));
+    // Browsers name the port in Origin when it is not the default one, as in Host.
+    let origin = format!(
+        "{}://{}",
+        conn.scheme.as_str(),
+        String::from_utf8_lossy(conn.head.host_header()).to_ascii_lowercase()
+    );
     let csrf_cookie = cookies::find(conn.head.fields.iter(), csrf::COOKIE_NAME);
     if !csrf::check(
         csrf_cookie.as_deref(),
@@ -239,9 +243,9 @@ async fn login<S: AsyncReadRent + AsyncWriteRent>(
             auth,
             Some("Your sign-in form expired. Please try again."),
             403,
+            &return_to,
         );
     }
-    let return_to = safe_return_to(fields.get("return_to").unwrap_or("/"));
     let (method, request) = match fields.get("method") {
         Some("pin") if auth.pin => (
             "pin",
@@ -255,7 +259,16 @@ async fn login<S: AsyncReadRent + AsyncWriteRent>(
                 password: fields.get("password").unwrap_or_default().to_string(),
             }),
         ),
-        _ => return login_form(conn, service, auth, Some("Choose a sign-in method."), 400),
+        _ => {
+            return login_form(
+                conn,
+                service,
+                auth,
+                Some("Choose a sign-in method."),
+                400,
+                &return_to,
+            );
+        }
     };
     log.method = method.into();
     let lockout = &ctx.shared.lockout;
@@ -279,7 +292,8 @@ async fn login<S: AsyncReadRent + AsyncWriteRent>(
                 return locked(conn, wait);
             }
             let what = if method == "pin" { "PIN" } else { "password" };
-            return login_form(conn, service, auth, Some(&format!("Wrong {what}.")), 401);
+            let error = format!("Wrong {what}.");
+            return login_form(conn, service, auth, Some(&error), 401, &return_to);
         }
         Err(e) => return unavailable(service, e),
     };

@@ -56,22 +56,42 @@ pub async fn accept_loop(
 }
 
 async fn serve(
-    mut client: TcpStream,
+    client: TcpStream,
     peer: SocketAddr,
     port: u16,
     ctx: Rc<WorkerCtx>,
     _guard: ConnectionGuard,
 ) {
+    // Behind a balancer (NB_PROXY_PROXY_PROTOCOL), the PROXY header's source is the client from
+    // here on: access rules, CrowdSec, logs and the header sent to the target.
+    let Some((mut client, origin)) =
+        crate::dataplane::proxy_protocol::accept(client, peer, &ctx.shared.config).await
+    else {
+        return;
+    };
+    let peer = origin.client;
     let stats = &ctx.shared.status.l4;
     let (service, pending) = match pick_service(&mut client, peer, port, &ctx).await {
         Some(picked) => picked,
         None => return,
     };
+    // CIDRs and countries. XDP already dropped what the CIDR rules refuse when the port has one
+    // service; countries, and clients named by a PROXY header, are only known here.
     if !service.access.permits(peer.ip()) {
         stats.denied.fetch_add(1, Ordering::Relaxed);
         tracing::debug!(%peer, service = %service.id, "source not allowed");
         return;
     }
+    if let Some((verdict, refuse)) =
+        crate::crowdsec::check(ctx.shared.crowdsec.as_deref(), service.crowdsec, peer.ip())
+    {
+        tracing::info!(%peer, service = %service.id, %verdict, refused = refuse, "CrowdSec verdict");
+        if refuse {
+            stats.denied.fetch_add(1, Ordering::Relaxed);
+            return;
+        }
+    }
+    let started = std::time::Instant::now();
     let target = match ctx.dialer.resolve_l4(&service.target) {
         Ok(a) => a,
         Err(e) => {
@@ -109,7 +129,10 @@ async fn serve(
     stats.connections.fetch_add(1, Ordering::Relaxed);
     let mut preface = Vec::new();
     if service.proxy_protocol {
-        let local = client.local_addr().unwrap_or(peer);
+        let local = origin
+            .destination
+            .or_else(|| client.local_addr().ok())
+            .unwrap_or(peer);
         match proxy_header::v2(peer, local, ppp::v2::Protocol::Stream) {
             Ok(h) => preface = h,
             Err(e) => {
@@ -144,7 +167,7 @@ async fn serve(
             BorrowedFd::borrow_raw(upstream_fd),
         )
     };
-    monoio::join!(
+    let (up, down) = monoio::join!(
         one_way(
             &mut cr,
             &mut uw,
@@ -158,6 +181,14 @@ async fn serve(
             mark.as_ref().map(|m| move || m.b_to_a_flushed(a, b)),
         ),
     );
+    crate::http::access_log::record_l4(
+        &ctx,
+        &service,
+        peer.ip(),
+        started,
+        (up, down),
+        mark.is_some(),
+    );
 }
 
 /// One direction: copies until its source ends, lets the kernel pass on what it spliced (when
@@ -167,12 +198,13 @@ async fn one_way<R: AsyncReadRent, W: AsyncWriteRent>(
     to: &mut W,
     counter: &AtomicU64,
     spliced_flushed: Option<impl Fn() -> Result<bool, EbpfError>>,
-) {
-    pump(from, to, Vec::new(), Some(counter)).await;
+) -> u64 {
+    let moved = pump(from, to, Vec::new(), Some(counter)).await;
     if let Some(flushed) = spliced_flushed {
         wait_flushed(flushed).await;
     }
     let _ = to.shutdown().await;
+    moved
 }
 
 /// The kernel sends spliced bytes on its own schedule: after one side ended, the other side's

@@ -3,6 +3,10 @@
 //!
 //! Datagrams are moved with non-blocking system calls once the socket is readable, so one
 //! 64 KiB buffer per port serves every session and nothing is allocated per datagram.
+//!
+//! Access rules (CIDRs, then countries) are checked for the datagram's source when its session
+//! starts; the session's later datagrams come from the same address. There is no PROXY protocol
+//! for UDP (`NB_PROXY_PROXY_PROTOCOL` applies to TCP listeners only): the source is the client.
 
 use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
@@ -114,6 +118,17 @@ fn session_for(
     if !service.access.permits(client.ip()) {
         stats.denied.fetch_add(1, Ordering::Relaxed);
         return None;
+    }
+    if let Some((verdict, refuse)) = crate::crowdsec::check(
+        ctx.shared.crowdsec.as_deref(),
+        service.crowdsec,
+        client.ip(),
+    ) {
+        tracing::info!(%client, service = %service.id, %verdict, refused = refuse, "CrowdSec verdict");
+        if refuse {
+            stats.denied.fetch_add(1, Ordering::Relaxed);
+            return None;
+        }
     }
     let guard = ctx.shared.try_open_connection()?;
     let target = match ctx.dialer.resolve_l4(&service.target) {

@@ -1,6 +1,11 @@
 //! Access restrictions by source address and country (`AccessRestrictions` of a mapping), in
-//! NetBird's order: CIDR allowlist, CIDR blocklist, then countries. The XDP fast path enforces
-//! the CIDR part for L4 ports in the kernel; countries are always checked here.
+//! the order of NetBird's `restrict.Filter.Check`: the CIDR allowlist, the CIDR blocklist, then
+//! the country allowlist and the country blocklist (a lookup only when CIDRs passed); the first
+//! that refuses decides. CrowdSec, when a service uses it, comes after all of these. Checked for
+//! the client address (trusted `X-Forwarded-For`, else a trusted PROXY header's source, else the
+//! socket peer) before anything else of a request, on every HTTP request, L4 connection and new
+//! UDP session. The XDP fast path enforces the CIDR part for L4 ports in the kernel; countries
+//! are always checked here, in user space.
 
 use std::net::IpAddr;
 
@@ -23,10 +28,11 @@ pub enum AccessError {
     #[error("{0:?} is not a CIDR or IP address")]
     BadCidr(String),
     #[error(
-        "country restrictions need a GeoLite2 country database (*.mmdb) in NB_PROXY_GEO_DATA_DIR, \
-         and none is loaded; refusing the service rather than serving it unrestricted"
+        "country restrictions need a GeoLite2 Country or City database (*.mmdb) in \
+         NB_PROXY_GEO_DATA_DIR ({dir}), and none is loaded; refusing the service rather than \
+         serving it unrestricted (put the file there and restart the proxy)"
     )]
-    Countries,
+    Countries { dir: String },
     #[error("{0:?} is not an ISO 3166-1 alpha-2 country code")]
     BadCountry(String),
 }
@@ -44,7 +50,9 @@ impl AccessPolicy {
         let blocked_countries = parse_countries(&r.blocked_countries)?;
         let wants_countries = !allowed_countries.is_empty() || !blocked_countries.is_empty();
         if wants_countries && !have_geo {
-            return Err(AccessError::Countries);
+            let dir = crate::geo::data_dir()
+                .map_or_else(|| "not searched".to_string(), |d| d.display().to_string());
+            return Err(AccessError::Countries { dir });
         }
         Ok(Self {
             allowed: parse_all(&r.allowed_cidrs)?,
@@ -158,7 +166,13 @@ mod tests {
             blocked_countries: vec!["DE".into()],
             ..Default::default()
         }));
-        assert_eq!(countries, Err(AccessError::Countries));
+        assert!(matches!(countries, Err(AccessError::Countries { .. })));
+        assert!(
+            countries
+                .unwrap_err()
+                .to_string()
+                .contains("NB_PROXY_GEO_DATA_DIR")
+        );
     }
 
     #[test]
@@ -191,6 +205,29 @@ mod tests {
         assert!(!p.permits_with("203.0.113.1".parse().unwrap(), lookup));
         // Unknown country with an allowlist: refused.
         assert!(!p.permits_with("10.0.0.1".parse().unwrap(), lookup));
+        assert!(!p.permits_with("198.18.1.1".parse().unwrap(), lookup));
+        // An IPv4 client on a dual-stack socket is looked up as IPv4.
+        assert!(p.permits_with("::ffff:198.51.100.1".parse().unwrap(), lookup));
+        assert!(!p.permits_with("::ffff:203.0.113.1".parse().unwrap(), lookup));
+        // Both lists: the allowlist admits, the blocklist still refuses.
+        let r = AccessRestrictions {
+            allowed_countries: vec!["US".into(), "JP".into()],
+            blocked_countries: vec!["JP".into()],
+            ..Default::default()
+        };
+        let p = AccessPolicy::build(&r, true).unwrap();
+        assert!(p.permits_with("198.51.100.1".parse().unwrap(), lookup));
+        assert!(!p.permits_with("198.18.0.1".parse().unwrap(), lookup));
+        assert!(!p.permits_with("203.0.113.1".parse().unwrap(), lookup));
+        // Country rules never let in what the CIDR rules refuse.
+        let r = AccessRestrictions {
+            allowed_countries: vec!["US".into()],
+            blocked_cidrs: vec!["198.51.100.0/25".into()],
+            ..Default::default()
+        };
+        let p = AccessPolicy::build(&r, true).unwrap();
+        assert!(!p.permits_with("198.51.100.1".parse().unwrap(), lookup));
+        assert!(p.permits_with("198.51.100.200".parse().unwrap(), lookup));
         assert!(matches!(
             AccessPolicy::build(
                 &AccessRestrictions {

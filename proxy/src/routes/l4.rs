@@ -109,6 +109,7 @@ pub struct L4Service {
     pub proxy_protocol: bool,
     pub session_idle_timeout: Duration,
     pub access: AccessPolicy,
+    pub crowdsec: crate::crowdsec::CrowdsecMode,
     /// Dialed directly even when the account's mesh carries the address.
     pub direct_upstream: bool,
 }
@@ -148,6 +149,7 @@ impl L4Service {
             proxy_protocol: opts.proxy_protocol,
             session_idle_timeout,
             access,
+            crowdsec: super::crowdsec_mode(m)?,
             direct_upstream: opts.direct_upstream,
         })
     }
