@@ -125,7 +125,11 @@ fn prepare_now(
         header_auths,
         session_private_key,
         session_public_key,
-        max_session_age: input.max_session_age_secs,
+        max_session_age: input
+            .max_session_age_secs
+            .or(previous.map(|p| p.max_session_age))
+            .unwrap_or(crate::model::auth::DEFAULT_SESSION_AGE),
+        sso_groups: input.sso_groups.clone(),
     })
 }
 
@@ -136,7 +140,7 @@ pub fn to_proto(row: &ServiceAuthRow) -> proto::Authentication {
         max_session_age_seconds: row.max_session_age,
         password: row.password_hash.is_some(),
         pin: row.pin_hash.is_some(),
-        oidc: false,
+        oidc: row.sso_groups.is_some(),
         header_auths: row
             .header_auths
             .iter()
@@ -160,7 +164,8 @@ mod tests {
                 .iter()
                 .map(|(h, v)| (h.to_string(), v.to_string()))
                 .collect(),
-            max_session_age_secs: 60,
+            max_session_age_secs: Some(60),
+            sso_groups: None,
         }
     }
 

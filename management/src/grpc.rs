@@ -27,6 +27,8 @@ pub struct ProxyServiceImpl {
     pub bus: ChangeBus,
     /// How often open streams re-check their token and mark their proxy as seen.
     pub heartbeat: Duration,
+    /// Single sign-on (`GetOIDCURL`).
+    pub sso: std::sync::Arc<crate::oidc::sign_in::Sso>,
 }
 
 impl ProxyServiceImpl {
@@ -165,9 +167,12 @@ impl ProxyService for ProxyServiceImpl {
 
     async fn get_oidcurl(
         &self,
-        _request: Request<GetOidcurlRequest>,
+        request: Request<GetOidcurlRequest>,
     ) -> Result<Response<GetOidcurlResponse>, Status> {
-        Err(not_yet("GetOIDCURL"))
+        let token = ProxyServiceImpl::authenticate(self, &request).await?;
+        auth::oidc_url(self, &token, request.into_inner())
+            .await
+            .map(Response::new)
     }
 
     async fn validate_session(

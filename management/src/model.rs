@@ -614,8 +614,12 @@ mod tests {
         hdr["targets"][0]["options"] = serde_json::json!({"custom_headers": {"Host": "x"}});
         assert!(request(hdr).unwrap_err().0.contains("managed by the proxy"));
         let mut auth = base.clone();
-        auth["auth"] = serde_json::json!({"bearer_auth": {"enabled": true}});
+        auth["auth"] = serde_json::json!({"link_auth": {"enabled": true}});
         assert!(request(auth).unwrap_err().0.contains("not supported"));
+        let mut sso = base.clone();
+        sso["auth"] = serde_json::json!({"bearer_auth": {"enabled": true}});
+        let sso = request(sso).expect("single sign-on for anyone who signs in");
+        assert_eq!(sso.auth.and_then(|a| a.sso_groups), Some(vec![]));
         let mut pw = base.clone();
         pw["auth"] = serde_json::json!({"password_auth": {"enabled": true, "password": "x"}});
         assert!(request(pw).unwrap_err().0.contains("8 to 256"));

@@ -6,6 +6,7 @@ mod peers;
 mod resources;
 mod services;
 mod setup_keys;
+mod sso;
 
 pub use access_logs::prune_forever;
 pub use peers::{PRIVATE_KEY_PLACEHOLDER, render_wg_quick};
@@ -26,6 +27,7 @@ use crate::store::{ProxyToken, Role, Store, StoreError, User, now};
 pub struct AppState {
     pub store: Store,
     pub bus: ChangeBus,
+    pub sso: std::sync::Arc<crate::oidc::sign_in::Sso>,
 }
 
 pub fn router(state: AppState) -> Router {
@@ -69,6 +71,15 @@ pub fn router(state: AppState) -> Router {
         .route("/api/mesh", get(peers::get_mesh).put(peers::put_mesh))
         .route("/api/events/proxy", get(access_logs::list))
         .route("/api/users", get(list_users).post(create_user))
+        .route(
+            "/api/identity-provider",
+            get(sso::get_provider)
+                .put(sso::put_provider)
+                .delete(sso::delete_provider),
+        )
+        .route("/api/groups", get(sso::list_groups).post(sso::create_group))
+        .route("/api/groups/{id}", delete(sso::delete_group))
+        .route(crate::oidc::sign_in::CALLBACK_PATH, get(sso::callback))
         .route("/api/users/{id}/tokens", post(create_pat))
         .with_state(state)
 }

@@ -21,7 +21,7 @@ pub const PEER_TOKEN_PREFIX: &str = "pcp_";
 /// One-time tokens in `ProxyMapping.auth_token`, for `CreateProxyPeer`.
 pub const PROXY_PEER_TOKEN_PREFIX: &str = "pco_";
 
-fn random_base62(len: usize) -> String {
+pub fn random_base62(len: usize) -> String {
     let rng = SystemRandom::new();
     let mut out = String::with_capacity(len);
     let mut buf = [0u8; 64];

@@ -10,6 +10,7 @@ use tokio::net::TcpListener;
 
 use crate::events::ChangeBus;
 use crate::grpc::{AgentService, ProxyServiceImpl};
+use crate::oidc::sign_in::Sso;
 use crate::rest::{self, AppState};
 use crate::store::{Store, StoreError};
 
@@ -24,6 +25,9 @@ pub struct ManagementConfig {
     pub grpc_tls: Option<(Vec<u8>, Vec<u8>)>,
     /// Access logs older than this many days are deleted (0: kept forever).
     pub access_log_retention_days: u32,
+    /// Where browsers reach the REST listener (single sign-on callbacks); `None`: the REST
+    /// address itself, with an unspecified IP read as loopback.
+    pub public_url: Option<String>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -40,6 +44,10 @@ pub enum ServeError {
     Grpc(#[from] tonic::transport::Error),
     #[error("REST server failed: {0}")]
     Rest(std::io::Error),
+    #[error("single sign-on cannot start: {0}")]
+    Sso(#[from] crate::oidc::OidcError),
+    #[error("public URL {0:?} must be an http:// or https:// URL without path or query")]
+    PublicUrl(String),
 }
 
 /// A management server whose sockets are bound and store is open, ready to serve.
@@ -51,6 +59,7 @@ pub struct Management {
     heartbeat: Duration,
     grpc_tls: Option<(Vec<u8>, Vec<u8>)>,
     retention_days: u32,
+    sso: std::sync::Arc<Sso>,
 }
 
 impl Management {
@@ -63,6 +72,27 @@ impl Management {
         };
         let grpc = listen(config.grpc_listen, "gRPC for proxies").await?;
         let http = listen(config.http_listen, "REST API").await?;
+        let public_url = match &config.public_url {
+            Some(u) => {
+                let u = u.trim().trim_end_matches('/').to_string();
+                let rest = u
+                    .strip_prefix("https://")
+                    .or_else(|| u.strip_prefix("http://"))
+                    .unwrap_or_default();
+                if rest.is_empty() || rest.contains(['/', '?', '#', ' ']) {
+                    return Err(ServeError::PublicUrl(u));
+                }
+                u
+            }
+            None => {
+                let mut addr = http.local_addr().unwrap_or(config.http_listen);
+                if addr.ip().is_unspecified() {
+                    addr.set_ip(std::net::Ipv4Addr::LOCALHOST.into());
+                }
+                format!("http://{addr}")
+            }
+        };
+        let sso = std::sync::Arc::new(Sso::new(&public_url)?);
         Ok(Management {
             store,
             bus: ChangeBus::new(),
@@ -71,6 +101,7 @@ impl Management {
             heartbeat: config.heartbeat,
             grpc_tls: config.grpc_tls.clone(),
             retention_days: config.access_log_retention_days,
+            sso,
         })
     }
 
@@ -91,6 +122,7 @@ impl Management {
             store: self.store.clone(),
             bus: self.bus.clone(),
             heartbeat: self.heartbeat,
+            sso: self.sso.clone(),
         };
         let agent = AgentService {
             store: self.store.clone(),
@@ -124,6 +156,7 @@ impl Management {
         let app = rest::router(AppState {
             store: self.store.clone(),
             bus: self.bus.clone(),
+            sso: self.sso,
         });
         let mut rest_stop = stop_rx;
         let rest = axum::serve(self.http, app).with_graceful_shutdown(async move {

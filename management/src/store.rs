@@ -11,13 +11,14 @@ mod resources;
 mod service_auth;
 mod services;
 mod setup_keys;
+mod sso;
 
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use sqlx::any::{AnyPoolOptions, install_default_drivers};
 use sqlx::{AnyPool, Executor};
 
-pub use access_logs::{AccessLogFilter, AccessLogPage, AccessLogRow};
+pub use access_logs::{AccessLogFilter, AccessLogPage, AccessLogRow, AccessLogSort};
 pub use accounts::{Account, Role, User};
 pub use clusters::{ClusterInfo, ClusterKind, RegisterError};
 pub use mesh_peers::{
@@ -29,6 +30,7 @@ pub use resources::{ResolveError, Resource, ResourceKind};
 pub use service_auth::{HeaderHash, ServiceAuthRow};
 pub use services::{ServiceRecord, ServiceStatus};
 pub use setup_keys::{RegisterAgentError, Registration, SetupKey, SetupKeyType};
+pub use sso::{Group, IdentityProvider, PendingSignIn, SignedInUser};
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -137,9 +139,26 @@ fn is_unique_violation(e: &sqlx::Error) -> bool {
     }
 }
 
-/// A fresh store in a temporary SQLite file, for unit tests.
+/// A fresh store in a temporary SQLite file, for unit tests; with
+/// `PORTCULLIS_TEST_POSTGRES=postgres://user@host:port/db` (a user that may create databases),
+/// a fresh database on that server instead, so the same tests check the PostgreSQL dialect.
 #[cfg(test)]
 pub(crate) async fn test_store() -> Store {
+    if let Ok(admin) = std::env::var("PORTCULLIS_TEST_POSTGRES") {
+        use sqlx::Connection;
+        let name = format!("pc_test_{}", crate::secrets::new_id().to_ascii_lowercase());
+        let mut conn = sqlx::postgres::PgConnection::connect(&admin)
+            .await
+            .expect("PORTCULLIS_TEST_POSTGRES");
+        sqlx::query(sqlx::AssertSqlSafe(format!("CREATE DATABASE {name}")))
+            .execute(&mut conn)
+            .await
+            .expect("create the test database");
+        let (server, _) = admin.rsplit_once('/').expect("a URL ending in /database");
+        return Store::open(&format!("{server}/{name}"))
+            .await
+            .expect("test store");
+    }
     let path = std::env::temp_dir().join(format!(
         "portcullis-mgmt-test-{}-{}.db",
         std::process::id(),

@@ -82,6 +82,11 @@ pub struct ServeArgs {
         default_value_t = 30
     )]
     pub access_log_retention_days: u32,
+    /// Where browsers reach the REST address, e.g. https://manage.example.com: single sign-on
+    /// sends them back to <URL>/oauth2/callback (register that at the identity provider).
+    /// Default: http://<REST address>.
+    #[arg(long = "public-url", env = "PORTCULLIS_PUBLIC_URL")]
+    pub public_url: Option<String>,
     /// PEM certificate (chain) for the gRPC listener; with --tls-key-file, proxies dial https://.
     #[arg(
         long = "tls-cert-file",
@@ -211,6 +216,7 @@ async fn serve(a: &ServeArgs) -> Result<i32, ManagementCliError> {
         heartbeat,
         grpc_tls,
         access_log_retention_days: a.access_log_retention_days,
+        public_url: a.public_url.clone(),
     };
     let m = Management::bind(&config).await?;
     tracing::info!(

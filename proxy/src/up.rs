@@ -144,6 +144,7 @@ fn start_management(args: &UpArgs) -> Result<Embedded, UpError> {
         // Everything stays on loopback.
         grpc_tls: None,
         access_log_retention_days: 7,
+        public_url: None,
     };
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(1)

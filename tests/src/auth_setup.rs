@@ -8,7 +8,7 @@ use serde_json::{Value, json};
 use crate::backend::Backend;
 use crate::client::{CurlResponse, curl};
 use crate::management::{Api, Management, StoreKind, TestStore};
-use crate::proxy::{Proxy, ProxyOptions, TestDir};
+use crate::proxy::{Proxy, ProxyOptions, TestDir, free_port};
 
 pub const CLUSTER: &str = "auth.test";
 pub const PASSWORD: &str = "correct horse battery";
@@ -45,10 +45,56 @@ pub fn auth_body(name: &str, domain: &str, port: u16, extra: Value) -> Value {
     body
 }
 
+/// Management (SQLite) with an account and its owner's API, a backend, and a proxy joined to
+/// management for `*.auth.test` (certificate from the proxy's test CA), with three protected
+/// services: `app` and `other` (password, PIN, header), `short` (PIN, 2 s sessions).
 pub fn setup(label: &str, proxy_env: &[(&str, &str)]) -> Setup {
+    let s = start(label, proxy_env, free_port(), &[]);
+    for (name, extra) in [
+        ("app", json!({})),
+        ("other", json!({})),
+        (
+            "short",
+            json!({"auth": {
+                "pin_auth": {"enabled": true, "pin": PIN},
+                "max_session_age_seconds": 2,
+            }}),
+        ),
+    ] {
+        let domain = format!("{name}.{CLUSTER}");
+        let mut body = auth_body(name, &domain, s.backend.port(), json!({}));
+        if let Some(auth) = extra.get("auth") {
+            body["auth"] = auth.clone();
+        }
+        let (status, v) = s
+            .api
+            .call("POST", "/api/reverse-proxies/services", Some(&body));
+        assert_eq!(status, 200, "create {name}: {v}");
+    }
+    for name in ["app", "other", "short"] {
+        wait_status(&s, &format!("{name}.{CLUSTER}"), 401);
+    }
+    s
+}
+
+/// What `setup` starts, without services: management's REST API on `management_http_port`
+/// (so a test can tell an identity provider its callback beforehand), with extra environment.
+pub fn start(
+    label: &str,
+    proxy_env: &[(&str, &str)],
+    management_http_port: u16,
+    management_env: &[(String, String)],
+) -> Setup {
     let dir = TestDir::new(label);
     let store = TestStore::new(StoreKind::Sqlite, &dir).expect("sqlite store");
-    let management = Management::start(&dir, &store.url, "2s");
+    let management = Management::start_on(
+        &dir,
+        &store.url,
+        "2s",
+        free_port(),
+        management_http_port,
+        management_env,
+    );
     let (_, pat) = management.bootstrap("owner@auth.test");
     let api = management.api(&pat);
     let (_, token) = api.create_proxy_token("auth-proxy");
@@ -64,37 +110,14 @@ pub fn setup(label: &str, proxy_env: &[(&str, &str)]) -> Setup {
     opts.cert_names = vec![format!("*.{CLUSTER}")];
     let proxy = Proxy::start(opts);
     proxy.wait_health("initial sync", |h| h["initial_sync_complete"] == true);
-    for (name, extra) in [
-        ("app", json!({})),
-        ("other", json!({})),
-        (
-            "short",
-            json!({"auth": {
-                "pin_auth": {"enabled": true, "pin": PIN},
-                "max_session_age_seconds": 2,
-            }}),
-        ),
-    ] {
-        let domain = format!("{name}.{CLUSTER}");
-        let mut body = auth_body(name, &domain, backend.port(), json!({}));
-        if let Some(auth) = extra.get("auth") {
-            body["auth"] = auth.clone();
-        }
-        let (status, v) = api.call("POST", "/api/reverse-proxies/services", Some(&body));
-        assert_eq!(status, 200, "create {name}: {v}");
-    }
-    let s = Setup {
+    Setup {
         backend,
         management,
         store,
         api,
         proxy,
         dir,
-    };
-    for name in ["app", "other", "short"] {
-        wait_status(&s, &format!("{name}.{CLUSTER}"), 401);
     }
-    s
 }
 
 pub fn wait_status(s: &Setup, host: &str, want: u16) {

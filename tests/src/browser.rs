@@ -1,6 +1,7 @@
 //! Headless Chromium driven over WebDriver (Debian's `chromium` and `chromium-driver`): the
 //! W3C protocol is plain JSON over HTTP, spoken here with the tests' own small HTTP client.
 
+use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
@@ -88,8 +89,12 @@ impl Browser {
         }
         let turn = ONE_AT_A_TIME.lock().unwrap_or_else(|p| p.into_inner());
         let port = free_port();
+        // Its own process group, which the Chromium it starts inherits: dropping the browser
+        // ends the whole group by its id, so no Chromium outlives a failed test.
         let driver = Supervised::spawn(
-            Command::new(CHROMEDRIVER).arg(format!("--port={port}")),
+            Command::new(CHROMEDRIVER)
+                .arg(format!("--port={port}"))
+                .process_group(0),
             "chromedriver",
             dir.0.join("chromedriver.log"),
         );
@@ -109,10 +114,18 @@ impl Browser {
             "--disable-component-update".into(),
             "--disable-sync".into(),
             "--disable-dev-shm-usage".into(),
+            "--disable-crash-reporter".into(),
+            "--disable-breakpad".into(),
             format!("--user-data-dir={}", profile.display()),
-            // Loopback only: the test's names go to 127.0.0.1, and its per-test CA is not in
-            // Chromium's store, so certificate errors are ignored for this throwaway profile.
-            format!("--host-resolver-rules=MAP *.{domain} 127.0.0.1"),
+            "--window-size=1024,768".into(),
+            // Loopback only: the test's names go to 127.0.0.1 and every other name resolves to
+            // nothing (pages such as oidc-provider's import web fonts), and its per-test CA is
+            // not in Chromium's store, so certificate errors are ignored for this throwaway
+            // profile.
+            format!(
+                "--host-resolver-rules=MAP *.{domain} 127.0.0.1, MAP * ~NOTFOUND, \
+                 EXCLUDE 127.0.0.1, EXCLUDE localhost"
+            ),
             "--ignore-certificate-errors".into(),
         ];
         let caps = json!({"capabilities": {"alwaysMatch": {
@@ -149,6 +162,15 @@ impl Browser {
 
     pub fn goto(&self, url: &str) {
         self.call("POST", "/url", Some(json!({"url": url})));
+    }
+
+    /// `goto` that returns WebDriver's error (e.g. `net::ERR_NAME_NOT_RESOLVED`) instead of
+    /// failing.
+    pub fn try_goto(&self, url: &str) -> Result<(), Value> {
+        let path = format!("/session/{}/url", self.session);
+        let (status, v) = request(self.port, "POST", &path, None, Some(&json!({"url": url})))
+            .expect("WebDriver call");
+        if status == 200 { Ok(()) } else { Err(v) }
     }
 
     pub fn url(&self) -> String {
@@ -189,6 +211,44 @@ impl Browser {
     pub fn click(&self, css: &str) {
         let id = self.element(css);
         self.call("POST", &format!("/element/{id}/click"), Some(json!({})));
+    }
+
+    /// Whether the page has an element matching `css` now.
+    pub fn has(&self, css: &str) -> bool {
+        let v = self.call(
+            "POST",
+            "/elements",
+            Some(json!({"using": "css selector", "value": css})),
+        );
+        v.as_array().is_some_and(|a| !a.is_empty())
+    }
+
+    /// Runs `script` (a function body; `return` gives the result) in the page.
+    pub fn execute(&self, script: &str) -> Value {
+        self.call(
+            "POST",
+            "/execute/sync",
+            Some(json!({"script": script, "args": []})),
+        )
+    }
+
+    /// The page's text as a person sees it (`document.body.innerText`): for a JSON response,
+    /// the JSON.
+    pub fn text(&self) -> String {
+        self.execute("return document.body ? document.body.innerText : '';")
+            .as_str()
+            .unwrap_or_default()
+            .to_string()
+    }
+
+    /// The HTTP status of the page's document (Navigation Timing's `responseStatus`).
+    pub fn status(&self) -> Option<u16> {
+        self.execute(
+            "const n = performance.getEntriesByType('navigation')[0]; \
+             return n ? n.responseStatus : null;",
+        )
+        .as_u64()
+        .and_then(|s| u16::try_from(s).ok())
     }
 
     /// Saves a PNG of the page; returns its size in bytes.
@@ -233,5 +293,10 @@ impl Drop for Browser {
             None,
         );
         let _ = self.driver.terminate(Duration::from_secs(5));
+        // Whatever is left of Chromium (the session did not end cleanly): the driver's group.
+        let _ = nix::sys::signal::killpg(
+            nix::unistd::Pid::from_raw(self.driver.pid as i32),
+            nix::sys::signal::Signal::SIGKILL,
+        );
     }
 }

@@ -12,6 +12,7 @@ pub mod l4_targets;
 pub mod management;
 pub mod mesh_net;
 pub mod netns;
+pub mod oidc;
 pub mod pebble;
 pub mod process;
 pub mod proxy;

@@ -33,6 +33,11 @@ const APT_PACKAGES: &[(&str, &str)] = &[
     // A real browser for the sign-in pages, driven over WebDriver: `tests/tests/browser.rs`.
     ("chromium", "chromium"),
     ("chromium-driver", "chromedriver"),
+    // The identity provider of the single sign-on browser tests (`oidc-provider` from npm, see
+    // `ensure_oidc_provider`) runs on Node.js. Machines of this kind come with Node.js 20 and
+    // npm; the probes keep Debian's from being installed over them.
+    ("nodejs", "node"),
+    ("npm", "npm"),
 ];
 
 /// Debian packages the benchmark harness uses: the peers, the load generator, pinning.
@@ -168,6 +173,27 @@ fn apt_install(packages: &[&str]) -> Result<()> {
     )
 }
 
+/// `npm ci` of `tests/oidc` (the `oidc-provider` package at the version its lock file names)
+/// into `tests/oidc/node_modules`; skipped while the lock file is the one last installed.
+fn ensure_oidc_provider() -> Result<()> {
+    let dir = root().join("tests/oidc");
+    let lock =
+        std::fs::read(dir.join("package-lock.json")).context("tests/oidc/package-lock.json")?;
+    let stamp = dir.join("node_modules/.portcullis-installed-lock");
+    let installed = dir.join("node_modules/oidc-provider/package.json");
+    if installed.exists() && std::fs::read(&stamp).is_ok_and(|s| s == lock) {
+        return Ok(());
+    }
+    run(
+        "npm ci (tests/oidc: oidc-provider)",
+        Command::new("npm")
+            .args(["ci", "--no-audit", "--no-fund", "--loglevel=error"])
+            .current_dir(&dir),
+    )?;
+    std::fs::write(&stamp, &lock).context("write the npm install stamp")?;
+    Ok(())
+}
+
 fn ensure_apt_forced(packages: &[&str]) -> Result<()> {
     if !is_root() {
         bail!(
@@ -182,6 +208,7 @@ fn test(args: &[String]) -> Result<()> {
     let skip_lint = args.iter().any(|a| a == "--skip-lint");
     let started = Instant::now();
     ensure_apt(APT_PACKAGES)?;
+    ensure_oidc_provider()?;
     // Before anything builds the proxy: `proxy/build.rs` embeds the object only if it exists,
     // and clippy should see the code that uses it.
     ebpf::setup()?;

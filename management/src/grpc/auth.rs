@@ -3,13 +3,14 @@
 
 use proto::session::{SessionClaims, SessionGrant, SessionVerifier};
 use proto::{
-    AccessLog, AuthenticateRequest, AuthenticateResponse, ValidateSessionRequest,
-    ValidateSessionResponse, authenticate_request,
+    AccessLog, AuthenticateRequest, AuthenticateResponse, GetOidcurlRequest, GetOidcurlResponse,
+    ValidateSessionRequest, ValidateSessionResponse, authenticate_request,
 };
 use tonic::Status;
 
 use super::ProxyServiceImpl;
 use crate::credentials;
+use crate::oidc::sign_in::{self, SignInError};
 use crate::store::{AccessLogRow, ProxyToken, ServiceAuthRow, ServiceRecord, now};
 
 /// An account-scoped proxy token may only act on its own account.
@@ -150,7 +151,49 @@ pub async fn validate_session(
             peer_group_ids: c.groups,
             peer_group_names: c.group_names,
         }),
-        Err(_) => Ok(denied("invalid_token")),
+        Err(_) => {
+            // Signed in at the provider but outside the service's groups (see `oidc::sign_in`).
+            let outside = sign_in::denied_audience(&record.domain);
+            match verifier.verify(&req.session_token, &outside, now()) {
+                Ok(c) => Ok(ValidateSessionResponse {
+                    user_id: c.sub,
+                    user_email: c.email,
+                    ..denied("not_in_group")
+                }),
+                Err(_) => Ok(denied("invalid_token")),
+            }
+        }
+    }
+}
+
+/// `GetOIDCURL`: where the proxy sends a browser to sign in to service `id`.
+pub async fn oidc_url(
+    svc: &ProxyServiceImpl,
+    token: &ProxyToken,
+    req: GetOidcurlRequest,
+) -> Result<GetOidcurlResponse, Status> {
+    check_scope(token, &req.account_id)?;
+    match svc
+        .sso
+        .begin(&svc.store, &req.account_id, &req.id, &req.redirect_url)
+        .await
+    {
+        Ok(url) => Ok(GetOidcurlResponse { url }),
+        Err(e) => {
+            tracing::warn!(service = %req.id, error = %e, "single sign-on not started");
+            Err(match e {
+                SignInError::ServiceNotFound => Status::not_found(e.to_string()),
+                SignInError::NotEnabled | SignInError::NoProvider => {
+                    Status::failed_precondition(e.to_string())
+                }
+                SignInError::BadRedirect(_) => Status::invalid_argument(e.to_string()),
+                SignInError::Store(crate::store::StoreError::Conflict(_)) => {
+                    Status::resource_exhausted(e.to_string())
+                }
+                SignInError::Oidc(_) => Status::unavailable(e.to_string()),
+                _ => Status::internal(e.to_string()),
+            })
+        }
     }
 }
 
@@ -206,4 +249,356 @@ pub async fn send_access_log(
         metadata: clip(metadata),
     };
     svc.store.insert_access_log(&row).await.map_err(store_error)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use proto::{HeaderAuthRequest, PasswordRequest, PinRequest};
+    use tonic::Code;
+
+    use super::*;
+    use crate::events::ChangeBus;
+    use crate::model::auth::AuthInput;
+    use crate::store::{ServiceStatus, Store, test_store};
+
+    struct World {
+        svc: ProxyServiceImpl,
+        account: String,
+        service: ServiceRecord,
+        own: ProxyToken,
+        other: ProxyToken,
+        shared: ProxyToken,
+    }
+
+    async fn world() -> World {
+        let store: Store = test_store().await;
+        let a = store.create_account("a").await.unwrap().id;
+        let b = store.create_account("b").await.unwrap().id;
+        let service = ServiceRecord {
+            id: "svc1".into(),
+            account_id: a.clone(),
+            name: "app".into(),
+            domain: "app.proxy.example".into(),
+            cluster_address: "proxy.example".into(),
+            spec: "{}".into(),
+            enabled: true,
+            status: ServiceStatus::Active,
+            status_message: None,
+            certificate_issued: false,
+            created_at: 0,
+            updated_at: 0,
+        };
+        store.insert_service(&service).await.unwrap();
+        let row = credentials::prepare(
+            AuthInput {
+                password: Some("correct horse".into()),
+                pin: Some("1234".into()),
+                headers: vec![
+                    ("X-API-Key".into(), "first".into()),
+                    ("Authorization".into(), "Bearer t0k".into()),
+                    ("X-API-Key".into(), "second".into()),
+                ],
+                max_session_age_secs: Some(120),
+                sso_groups: None,
+            },
+            None,
+        )
+        .await
+        .unwrap();
+        store
+            .put_service_auth(&service.id, Some(&row))
+            .await
+            .unwrap();
+        let (own, _) = store.create_proxy_token(Some(&a), "a", None).await.unwrap();
+        let (other, _) = store.create_proxy_token(Some(&b), "b", None).await.unwrap();
+        let (shared, _) = store
+            .create_proxy_token(None, "shared", None)
+            .await
+            .unwrap();
+        World {
+            svc: ProxyServiceImpl {
+                store,
+                bus: ChangeBus::new(),
+                heartbeat: Duration::from_secs(60),
+                sso: crate::oidc::sign_in::Sso::for_tests(),
+            },
+            account: a,
+            service,
+            own,
+            other,
+            shared,
+        }
+    }
+
+    fn req(w: &World, r: authenticate_request::Request) -> AuthenticateRequest {
+        AuthenticateRequest {
+            id: w.service.id.clone(),
+            account_id: w.account.clone(),
+            request: Some(r),
+        }
+    }
+
+    fn password(p: &str) -> authenticate_request::Request {
+        authenticate_request::Request::Password(PasswordRequest { password: p.into() })
+    }
+
+    fn header(name: &str, value: &str) -> authenticate_request::Request {
+        authenticate_request::Request::HeaderAuth(HeaderAuthRequest {
+            header_name: name.into(),
+            header_value: value.into(),
+        })
+    }
+
+    #[tokio::test]
+    async fn authenticate_signs_sessions_for_right_credentials_only() {
+        let w = world().await;
+        let public = w
+            .svc
+            .store
+            .service_auth(&w.service.id)
+            .await
+            .unwrap()
+            .unwrap()
+            .session_public_key;
+        let verifier = SessionVerifier::from_base64(&public).unwrap();
+        let pin = authenticate_request::Request::Pin(PinRequest { pin: "1234".into() });
+        for (token, r, method, user) in [
+            (
+                &w.own,
+                password("correct horse"),
+                "password",
+                "password-user",
+            ),
+            (&w.shared, pin, "pin", "pin-user"),
+            (
+                &w.own,
+                header("x-api-key", "second"),
+                "header",
+                "header-user",
+            ),
+            (
+                &w.own,
+                header("AUTHORIZATION", "Bearer t0k"),
+                "header",
+                "header-user",
+            ),
+        ] {
+            let ok = authenticate(&w.svc, token, req(&w, r)).await.unwrap();
+            assert!(ok.success, "{method}");
+            let claims = verifier
+                .verify(&ok.session_token, "app.proxy.example", now())
+                .unwrap();
+            assert_eq!(
+                (claims.method.as_str(), claims.sub.as_str()),
+                (method, user)
+            );
+            assert!(claims.exp > now() + 100 && claims.exp <= now() + 121);
+            // Not valid for another domain.
+            assert!(
+                verifier
+                    .verify(&ok.session_token, "other.example", now())
+                    .is_err()
+            );
+        }
+        for r in [
+            password("wrong"),
+            password(""),
+            authenticate_request::Request::Pin(PinRequest { pin: "4321".into() }),
+            // The value of one header does not open another.
+            header("Authorization", "first"),
+            header("X-Other", "first"),
+        ] {
+            let no = authenticate(&w.svc, &w.own, req(&w, r)).await.unwrap();
+            assert!(!no.success && no.session_token.is_empty());
+        }
+        let no = authenticate(
+            &w.svc,
+            &w.own,
+            AuthenticateRequest {
+                request: None,
+                ..req(&w, password("x"))
+            },
+        )
+        .await
+        .unwrap();
+        assert!(!no.success);
+        // Another account's token, and unknown services.
+        let e = authenticate(&w.svc, &w.other, req(&w, password("correct horse")))
+            .await
+            .unwrap_err();
+        assert_eq!(e.code(), Code::PermissionDenied);
+        let e = authenticate(
+            &w.svc,
+            &w.own,
+            AuthenticateRequest {
+                id: "nope".into(),
+                ..req(&w, password("correct horse"))
+            },
+        )
+        .await
+        .unwrap_err();
+        assert_eq!(e.code(), Code::NotFound);
+        // Without protection nothing is granted.
+        w.svc
+            .store
+            .put_service_auth(&w.service.id, None)
+            .await
+            .unwrap();
+        let no = authenticate(&w.svc, &w.own, req(&w, password("correct horse")))
+            .await
+            .unwrap();
+        assert!(!no.success);
+    }
+
+    #[tokio::test]
+    async fn validate_session_checks_signature_domain_and_account() {
+        let w = world().await;
+        let ok = authenticate(&w.svc, &w.own, req(&w, password("correct horse")))
+            .await
+            .unwrap();
+        let ask = |domain: &str, token: &str| ValidateSessionRequest {
+            domain: domain.into(),
+            session_token: token.into(),
+        };
+        let v = validate_session(&w.svc, &w.own, ask("App.Proxy.Example", &ok.session_token))
+            .await
+            .unwrap();
+        assert!(v.valid, "{}", v.denied_reason);
+        assert_eq!(v.user_id, "password-user");
+        assert!(v.denied_reason.is_empty());
+        let v = validate_session(&w.svc, &w.shared, ask("app.proxy.example", "garbage"))
+            .await
+            .unwrap();
+        assert_eq!(
+            (v.valid, v.denied_reason.as_str()),
+            (false, "invalid_token")
+        );
+        let v = validate_session(&w.svc, &w.own, ask("nope.example", &ok.session_token))
+            .await
+            .unwrap();
+        assert_eq!(v.denied_reason, "service_not_found");
+        let e = validate_session(
+            &w.svc,
+            &w.other,
+            ask("app.proxy.example", &ok.session_token),
+        )
+        .await
+        .unwrap_err();
+        assert_eq!(e.code(), Code::PermissionDenied);
+        // A token signed with another service's key is refused.
+        let foreign = proto::session::key_pair_from_seed(&[7; 32]);
+        let forged = proto::session::sign(
+            &SessionClaims::new(
+                &SessionGrant {
+                    user_id: "x".into(),
+                    domain: "app.proxy.example".into(),
+                    method: "password".into(),
+                    max_age_secs: 60,
+                    ..Default::default()
+                },
+                now(),
+            ),
+            &foreign.private_key,
+        )
+        .unwrap();
+        let v = validate_session(&w.svc, &w.own, ask("app.proxy.example", &forged))
+            .await
+            .unwrap();
+        assert_eq!(v.denied_reason, "invalid_token");
+        // Single sign-on outside the service's groups: a token for the denial audience, which
+        // the proxy's own check refuses and ValidateSession names.
+        let stored = w.svc.store.service_auth("svc1").await.unwrap().unwrap();
+        let outside = proto::session::sign(
+            &SessionClaims::new(
+                &SessionGrant {
+                    user_id: "u1".into(),
+                    email: "bob@example.com".into(),
+                    domain: sign_in::denied_audience("app.proxy.example"),
+                    method: "oidc".into(),
+                    max_age_secs: 60,
+                    ..Default::default()
+                },
+                now(),
+            ),
+            &stored.session_private_key,
+        )
+        .unwrap();
+        let v = validate_session(&w.svc, &w.own, ask("app.proxy.example", &outside))
+            .await
+            .unwrap();
+        assert!(!v.valid);
+        assert_eq!(v.denied_reason, "not_in_group");
+        assert_eq!(v.user_email, "bob@example.com");
+        let verifier = SessionVerifier::from_base64(&stored.session_public_key).unwrap();
+        assert!(
+            verifier
+                .verify(&outside, "app.proxy.example", now())
+                .is_err()
+        );
+    }
+
+    #[tokio::test]
+    async fn access_logs_are_stored_for_own_services_only() {
+        let w = world().await;
+        let log = AccessLog {
+            timestamp: Some(prost_types::Timestamp {
+                seconds: 1_767_225_600,
+                nanos: 250_000_000,
+            }),
+            log_id: "ignored".into(),
+            account_id: w.account.clone(),
+            service_id: w.service.id.clone(),
+            host: "APP.proxy.example".into(),
+            path: "/x".into(),
+            duration_ms: 12,
+            method: "POST".into(),
+            response_code: 401,
+            source_ip: "192.0.2.9".into(),
+            auth_mechanism: "password".into(),
+            user_id: String::new(),
+            auth_success: false,
+            bytes_upload: 10,
+            bytes_download: -5,
+            protocol: "http".into(),
+            metadata: [("crowdsec_verdict".to_string(), "ban".to_string())].into(),
+        };
+        send_access_log(&w.svc, &w.own, Some(log.clone()))
+            .await
+            .unwrap();
+        let e = send_access_log(&w.svc, &w.other, Some(log.clone()))
+            .await
+            .unwrap_err();
+        assert_eq!(e.code(), Code::PermissionDenied);
+        let e = send_access_log(
+            &w.svc,
+            &w.shared,
+            Some(AccessLog {
+                service_id: "nope".into(),
+                ..log.clone()
+            }),
+        )
+        .await
+        .unwrap_err();
+        assert_eq!(e.code(), Code::NotFound);
+        let e = send_access_log(&w.svc, &w.own, None).await.unwrap_err();
+        assert_eq!(e.code(), Code::InvalidArgument);
+        let page = w
+            .svc
+            .store
+            .access_logs(&w.account, &Default::default(), Default::default(), 1, 10)
+            .await
+            .unwrap();
+        assert_eq!(page.total, 1);
+        let r = &page.rows[0];
+        assert_eq!(r.timestamp_ms, 1_767_225_600_250);
+        assert_eq!(r.host, "app.proxy.example");
+        assert_eq!((r.status_code, r.duration_ms), (401, 12));
+        assert_eq!((r.bytes_upload, r.bytes_download), (10, 0));
+        assert_eq!(r.auth_method, "password");
+        assert!(!r.auth_success);
+        assert_eq!(r.metadata, r#"{"crowdsec_verdict":"ban"}"#);
+        assert_ne!(r.id, "ignored");
+    }
 }

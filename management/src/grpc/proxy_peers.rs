@@ -168,6 +168,7 @@ mod tests {
             store: store.clone(),
             bus: ChangeBus::new(),
             heartbeat: Duration::from_secs(60),
+            sso: crate::oidc::sign_in::Sso::for_tests(),
         };
         let mut mesh_events = svc.bus.subscribe_mesh();
         let mut batch = vec![ProxyMapping {

@@ -16,8 +16,9 @@ pub struct AuthRequest {
     pub pin_auth: Option<PinAuth>,
     #[serde(default)]
     pub header_auths: Vec<HeaderAuthRequest>,
+    /// Single sign-on through the account's identity provider.
     #[serde(default)]
-    pub bearer_auth: Option<serde_json::Value>,
+    pub bearer_auth: Option<BearerAuth>,
     #[serde(default)]
     pub link_auth: Option<serde_json::Value>,
     /// Ours: how long a session lasts (default a day).
@@ -43,6 +44,17 @@ pub struct PinAuth {
     pub pin: String,
 }
 
+/// NetBird's `bearer_auth`: SSO on or off, and the groups (ids) whose members may pass; no
+/// groups lets in anyone the identity provider signs in.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct BearerAuth {
+    #[serde(default)]
+    pub enabled: bool,
+    #[serde(default)]
+    pub distribution_groups: Vec<String>,
+}
+
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct HeaderAuthRequest {
@@ -60,14 +72,24 @@ pub struct AuthInput {
     pub pin: Option<String>,
     /// (header name, value; empty value: keep the stored one for that header).
     pub headers: Vec<(String, String)>,
-    pub max_session_age_secs: i64,
+    /// `None`: keep the stored age on an update (clients that do not know this extension leave
+    /// it out), else [`DEFAULT_SESSION_AGE`].
+    pub max_session_age_secs: Option<i64>,
+    /// Single sign-on: the group ids allowed in (empty: anyone), `None` when off.
+    pub sso_groups: Option<Vec<String>>,
 }
 
 impl AuthInput {
     pub fn any(&self) -> bool {
-        self.password.is_some() || self.pin.is_some() || !self.headers.is_empty()
+        self.password.is_some()
+            || self.pin.is_some()
+            || !self.headers.is_empty()
+            || self.sso_groups.is_some()
     }
 }
+
+/// Most groups one service may name.
+const MAX_SSO_GROUPS: usize = 100;
 
 pub const DEFAULT_SESSION_AGE: i64 = 24 * 60 * 60;
 const MAX_SESSION_AGE: i64 = 30 * 24 * 60 * 60;
@@ -91,16 +113,27 @@ const UNUSABLE_HEADERS: &[&str] = &[
 
 impl AuthRequest {
     pub fn validate(self) -> Result<AuthInput, Invalid> {
-        if self
-            .bearer_auth
-            .as_ref()
-            .is_some_and(|b| b["enabled"] == true)
-        {
-            return invalid(
-                "single sign-on (bearer_auth) is not supported by this management server yet; \
-                 disable it or use password, PIN or header authentication",
-            );
-        }
+        let sso_groups = match self.bearer_auth {
+            Some(b) if b.enabled => {
+                let mut groups: Vec<String> = Vec::new();
+                for g in b.distribution_groups {
+                    let g = g.trim().to_string();
+                    if g.is_empty() || g.len() > 64 {
+                        return invalid("auth.bearer_auth.distribution_groups holds group ids");
+                    }
+                    if !groups.contains(&g) {
+                        groups.push(g);
+                    }
+                }
+                if groups.len() > MAX_SSO_GROUPS {
+                    return invalid(format!(
+                        "auth.bearer_auth.distribution_groups: at most {MAX_SSO_GROUPS} groups"
+                    ));
+                }
+                Some(groups)
+            }
+            _ => None,
+        };
         if self
             .link_auth
             .as_ref()
@@ -155,8 +188,8 @@ impl AuthRequest {
             }
             headers.push((name, h.value));
         }
-        let age = self.max_session_age_seconds.unwrap_or(DEFAULT_SESSION_AGE);
-        if !(1..=MAX_SESSION_AGE).contains(&age) {
+        let age = self.max_session_age_seconds;
+        if age.is_some_and(|age| !(1..=MAX_SESSION_AGE).contains(&age)) {
             return invalid(format!(
                 "auth.max_session_age_seconds must be 1 to {MAX_SESSION_AGE}"
             ));
@@ -166,6 +199,7 @@ impl AuthRequest {
             pin,
             headers,
             max_session_age_secs: age,
+            sso_groups,
         })
     }
 }
@@ -176,6 +210,8 @@ pub struct AuthSummary {
     pub password_auth: Enabled,
     pub pin_auth: Enabled,
     pub header_auths: Vec<HeaderSummary>,
+    #[serde(default)]
+    pub bearer_auth: BearerAuth,
     pub max_session_age_seconds: i64,
 }
 
@@ -207,7 +243,11 @@ impl AuthSummary {
                     header: h.clone(),
                 })
                 .collect(),
-            max_session_age_seconds: input.max_session_age_secs,
+            bearer_auth: BearerAuth {
+                enabled: input.sso_groups.is_some(),
+                distribution_groups: input.sso_groups.clone().unwrap_or_default(),
+            },
+            max_session_age_seconds: input.max_session_age_secs.unwrap_or(DEFAULT_SESSION_AGE),
         }
     }
 }
@@ -330,8 +370,8 @@ mod tests {
                 "cannot carry",
             ),
             (
-                serde_json::json!({"bearer_auth": {"enabled": true}}),
-                "not supported",
+                serde_json::json!({"bearer_auth": {"enabled": true, "distribution_groups": [""]}}),
+                "group ids",
             ),
             (
                 serde_json::json!({"max_session_age_seconds": 0}),

@@ -64,6 +64,9 @@ async fn prepare(
     req: ServiceRequest,
 ) -> ApiResult<(model::ValidService, String)> {
     let valid = req.validate().map_err(|e| ApiError::unprocessable(e.0))?;
+    if let Some(groups) = valid.auth.as_ref().and_then(|a| a.sso_groups.as_ref()) {
+        check_sso(st, account, groups).await?;
+    }
     match st.store.resolve_targets(account, &valid.spec.targets).await {
         Ok(_) => {}
         Err(ResolveError::Invalid(m)) => return Err(ApiError::unprocessable(m)),
@@ -129,7 +132,7 @@ pub async fn create(
     caller.require_admin()?;
     let (mut valid, cluster) = prepare(&st, caller.account(), req).await?;
     check_port(&st, &valid, &cluster, None).await?;
-    let auth = credentials(valid.auth.take(), None).await?;
+    let auth = credentials(&mut valid, None).await?;
     let t = now();
     let record = ServiceRecord {
         id: secrets::new_id(),
@@ -182,7 +185,7 @@ pub async fn update(
     let (mut valid, cluster) = prepare(&st, caller.account(), req).await?;
     check_port(&st, &valid, &cluster, Some(&old.id)).await?;
     let previous = st.store.service_auth(&old.id).await?;
-    let auth = credentials(valid.auth.take(), previous).await?;
+    let auth = credentials(&mut valid, previous).await?;
     let mut new = old.clone();
     new.name = valid.name;
     new.domain = valid.domain;
@@ -225,16 +228,41 @@ pub async fn remove(
     Ok(Json(json!({})))
 }
 
-/// The stored form of a service's authentication (`None`: unprotected).
+/// Single sign-on needs the account's identity provider, and names groups the account has.
+async fn check_sso(st: &AppState, account: &str, groups: &[String]) -> ApiResult<()> {
+    if st.store.identity_provider(account).await?.is_none() {
+        return Err(ApiError::unprocessable(
+            "single sign-on (auth.bearer_auth) needs the account's identity provider: \
+             PUT /api/identity-provider first",
+        ));
+    }
+    let known = st.store.groups(account).await?;
+    for g in groups {
+        if !known.iter().any(|k| &k.id == g) {
+            return Err(ApiError::unprocessable(format!(
+                "auth.bearer_auth.distribution_groups: no group with id {g:?}"
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// The stored form of a service's authentication (`None`: unprotected). Takes the secrets out
+/// of `valid` and puts the session age in force into its summary.
 async fn credentials(
-    input: Option<model::auth::AuthInput>,
+    valid: &mut model::ValidService,
     previous: Option<crate::store::ServiceAuthRow>,
 ) -> ApiResult<Option<crate::store::ServiceAuthRow>> {
-    let Some(input) = input else {
+    let Some(input) = valid.auth.take() else {
         return Ok(None);
     };
     match crate::credentials::prepare(input, previous).await {
-        Ok(row) => Ok(Some(row)),
+        Ok(row) => {
+            if let Some(summary) = valid.spec.auth.as_mut() {
+                summary.max_session_age_seconds = row.max_session_age;
+            }
+            Ok(Some(row))
+        }
         Err(crate::credentials::CredentialError::Missing(what)) => Err(ApiError::unprocessable(
             format!("{what} is required when the method is enabled"),
         )),
@@ -268,4 +296,193 @@ fn announce_removed(st: &AppState, r: &ServiceRecord) {
         cluster_address: r.cluster_address.clone(),
         mapping: model::removed_mapping(r),
     });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::events::ChangeBus;
+    use crate::store::{Role, User, test_store};
+
+    async fn state() -> (AppState, Caller) {
+        let store = test_store().await;
+        let a = store.create_account("a").await.unwrap();
+        let (token, _) = store
+            .create_proxy_token(Some(&a.id), "t", None)
+            .await
+            .unwrap();
+        store
+            .register_proxy(&token, "proxy.example", "px1", "test", "{}")
+            .await
+            .unwrap();
+        let caller = Caller(User {
+            id: "u1".into(),
+            account_id: a.id,
+            email: "owner@example.com".into(),
+            role: Role::Owner,
+        });
+        (
+            AppState {
+                store,
+                bus: ChangeBus::new(),
+                sso: crate::oidc::sign_in::Sso::for_tests(),
+            },
+            caller,
+        )
+    }
+
+    fn body(auth: serde_json::Value) -> JsonBody<ServiceRequest> {
+        JsonBody(
+            serde_json::from_value(json!({
+                "name": "app",
+                "domain": "app.proxy.example",
+                "targets": [{"target_type": "host", "protocol": "http", "host": "10.0.0.1", "port": 80}],
+                "auth": auth,
+                "access_restrictions": {"allowed_cidrs": ["10.0.0.0/8"], "blocked_countries": ["de"],
+                                        "crowdsec_mode": "enforce"},
+            }))
+            .unwrap(),
+        )
+    }
+
+    fn caller(c: &Caller) -> Caller {
+        Caller(c.0.clone())
+    }
+
+    #[tokio::test]
+    async fn credentials_are_hashed_kept_and_removed() {
+        let (st, owner) = state().await;
+        let mut events = st.bus.subscribe();
+        let Json(created) = create(
+            State(st.clone()),
+            caller(&owner),
+            body(json!({
+                "password_auth": {"enabled": true, "password": "correct horse"},
+                "pin_auth": {"enabled": true, "pin": "123456"},
+                "header_auths": [{"enabled": true, "header": "X-API-Key", "value": "k3y-value"}],
+                "bearer_auth": {"enabled": false, "distribution_groups": []},
+                "max_session_age_seconds": 2,
+            })),
+        )
+        .await
+        .unwrap_or_else(|e| panic!("{}", e.message));
+        let text = created.to_string();
+        for secret in ["correct horse", "123456", "k3y-value", "argon2", "hash"] {
+            assert!(!text.contains(secret), "{secret} in {text}");
+        }
+        assert_eq!(created["auth"]["password_auth"]["enabled"], true);
+        assert_eq!(created["auth"]["pin_auth"]["enabled"], true);
+        assert_eq!(created["auth"]["header_auths"][0]["header"], "X-API-Key");
+        assert_eq!(created["auth"]["max_session_age_seconds"], 2);
+        assert_eq!(created["access_restrictions"]["blocked_countries"][0], "DE");
+        let id = created["id"].as_str().unwrap().to_string();
+
+        // Proxies get the public key, the flags and the header hashes.
+        let m = events.try_recv().unwrap().mapping;
+        let auth = m.auth.clone().unwrap();
+        let stored = st.store.service_auth(&id).await.unwrap().unwrap();
+        assert_eq!(auth.session_key, stored.session_public_key);
+        assert!(auth.password && auth.pin && !auth.oidc);
+        assert_eq!(auth.max_session_age_seconds, 2);
+        assert_eq!(auth.header_auths[0].header, "X-API-Key");
+        assert!(crate::credentials::verify(
+            &auth.header_auths[0].hashed_value,
+            "k3y-value"
+        ));
+        assert!(!format!("{m:?}").contains(&stored.session_private_key));
+        assert!(!text.contains(&stored.session_private_key));
+        let r = m.access_restrictions.unwrap();
+        assert_eq!(r.allowed_cidrs, ["10.0.0.0/8"]);
+        assert_eq!(r.crowdsec_mode, "enforce");
+        assert!(crate::credentials::verify(
+            stored.password_hash.as_deref().unwrap(),
+            "correct horse"
+        ));
+
+        // Secrets sent back empty (as clients do) are kept, and so is the key pair.
+        let Json(again) = update(
+            State(st.clone()),
+            caller(&owner),
+            Path(id.clone()),
+            body(json!({
+                "password_auth": {"enabled": true, "password": ""},
+                "pin_auth": {"enabled": true},
+                "header_auths": [{"enabled": true, "header": "x-api-key"}],
+            })),
+        )
+        .await
+        .unwrap_or_else(|e| panic!("{}", e.message));
+        let kept = st.store.service_auth(&id).await.unwrap().unwrap();
+        assert_eq!(kept.password_hash, stored.password_hash);
+        assert_eq!(kept.pin_hash, stored.pin_hash);
+        assert_eq!(
+            kept.header_auths[0].hashed_value,
+            stored.header_auths[0].hashed_value
+        );
+        assert_eq!(kept.session_private_key, stored.session_private_key);
+        assert_eq!(kept.max_session_age, 2, "left out: kept");
+        assert_eq!(again["auth"]["max_session_age_seconds"], 2);
+
+        // A new password replaces the hash; the PIN, now off, is dropped.
+        let _ = update(
+            State(st.clone()),
+            caller(&owner),
+            Path(id.clone()),
+            body(json!({"password_auth": {"enabled": true, "password": "battery staple"}})),
+        )
+        .await
+        .unwrap_or_else(|e| panic!("{}", e.message));
+        let changed = st.store.service_auth(&id).await.unwrap().unwrap();
+        assert_ne!(changed.password_hash, stored.password_hash);
+        assert!(changed.pin_hash.is_none() && changed.header_auths.is_empty());
+        assert_eq!(changed.session_public_key, stored.session_public_key);
+
+        // A method turned on without a secret and none stored: 422.
+        let e = update(
+            State(st.clone()),
+            caller(&owner),
+            Path(id.clone()),
+            body(json!({"pin_auth": {"enabled": true, "pin": ""}})),
+        )
+        .await
+        .unwrap_err();
+        assert_eq!(e.status, StatusCode::UNPROCESSABLE_ENTITY);
+        assert!(e.message.contains("auth.pin_auth.pin"), "{}", e.message);
+
+        // SSO and link auth are refused clearly.
+        for (auth, needle) in [
+            (
+                json!({"bearer_auth": {"enabled": true}}),
+                "PUT /api/identity-provider",
+            ),
+            (json!({"link_auth": {"enabled": true}}), "link_auth"),
+        ] {
+            let e = update(
+                State(st.clone()),
+                caller(&owner),
+                Path(id.clone()),
+                body(auth),
+            )
+            .await
+            .unwrap_err();
+            assert_eq!(e.status, StatusCode::UNPROCESSABLE_ENTITY);
+            assert!(e.message.contains(needle), "{}", e.message);
+        }
+
+        // Every method off: the protection and its keys are gone.
+        while events.try_recv().is_ok() {}
+        let Json(off) = update(
+            State(st.clone()),
+            caller(&owner),
+            Path(id.clone()),
+            body(json!({"password_auth": {"enabled": false}})),
+        )
+        .await
+        .unwrap_or_else(|e| panic!("{}", e.message));
+        assert_eq!(off["auth"], json!({}));
+        assert!(st.store.service_auth(&id).await.unwrap().is_none());
+        let m = events.try_recv().unwrap().mapping;
+        assert!(m.auth.is_none());
+        assert!(m.access_restrictions.is_some());
+    }
 }

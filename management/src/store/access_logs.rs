@@ -28,20 +28,97 @@ pub struct AccessLogRow {
 }
 
 /// Which rows to list. Every field narrows; `None` does not.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct AccessLogFilter {
     pub service_id: Option<String>,
     pub status_code: Option<i64>,
     /// `Some(true)`: 2xx and 3xx; `Some(false)`: anything else.
     pub success: Option<bool>,
     pub user_id: Option<String>,
+    /// Substring of the user id (NetBird's `user_email` / `user_name`: ours have neither).
+    pub user: Option<String>,
     pub source_ip: Option<String>,
     pub host: Option<String>,
     pub method: Option<String>,
     /// Substring of the path.
     pub path: Option<String>,
+    /// Case-insensitive substring of the id, host, path, source address or user id.
+    pub search: Option<String>,
     pub from_ms: Option<i64>,
     pub to_ms: Option<i64>,
+}
+
+/// The order of a listing: `column` is one of [`AccessLogSort::COLUMNS`]; ties go newest first.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct AccessLogSort {
+    pub column: &'static str,
+    pub ascending: bool,
+}
+
+impl Default for AccessLogSort {
+    fn default() -> Self {
+        Self {
+            column: "timestamp",
+            ascending: false,
+        }
+    }
+}
+
+impl AccessLogSort {
+    /// NetBird's `sort_by` values (`url`: host, then path) and our column names.
+    pub const COLUMNS: &'static [&'static str] = &[
+        "timestamp",
+        "url",
+        "host",
+        "path",
+        "method",
+        "status_code",
+        "duration",
+        "duration_ms",
+        "source_ip",
+        "user_id",
+        "auth_method",
+        "auth_method_used",
+        "bytes_upload",
+        "bytes_download",
+        "protocol",
+        "service_id",
+    ];
+
+    fn order_by(self) -> String {
+        let dir = if self.ascending { "ASC" } else { "DESC" };
+        let cols: &[&str] = match self.column {
+            "url" => &["host", "path"],
+            "host" => &["host"],
+            "path" => &["path"],
+            "method" => &["method"],
+            "status_code" => &["status_code"],
+            "duration" | "duration_ms" => &["duration_ms"],
+            "source_ip" => &["source_ip"],
+            "user_id" => &["user_id"],
+            "auth_method" | "auth_method_used" => &["auth_method"],
+            "bytes_upload" => &["bytes_upload"],
+            "bytes_download" => &["bytes_download"],
+            "protocol" => &["protocol"],
+            "service_id" => &["service_id"],
+            _ => &["timestamp_ms"],
+        };
+        let mut parts: Vec<String> = cols.iter().map(|c| format!("{c} {dir}")).collect();
+        if cols != ["timestamp_ms"] {
+            parts.push("timestamp_ms DESC".into());
+        }
+        parts.push(format!("id {dir}"));
+        parts.join(", ")
+    }
+}
+
+/// `%v%` for LIKE with the pattern's own wildcards escaped (ESCAPE '\\').
+fn contains_pattern(v: &str) -> String {
+    let escaped = v
+        .replace('\\', "\\\\")
+        .replace('%', "\\%")
+        .replace('_', "\\_");
+    format!("%{escaped}%")
 }
 
 pub struct AccessLogPage {
@@ -93,6 +170,7 @@ impl Store {
         &self,
         account_id: &str,
         f: &AccessLogFilter,
+        sort: AccessLogSort,
         page: i64,
         page_size: i64,
     ) -> Result<AccessLogPage, StoreError> {
@@ -100,7 +178,8 @@ impl Store {
         let mut params = vec![Param::Text(account_id.to_string())];
         let mut add = |clause: &str, p: Param| {
             params.push(p);
-            clauses.push(clause.replace('?', &format!("${}", params.len())));
+            let n = format!("${}", params.len());
+            clauses.push(clause.replace('?', &n));
         };
         if let Some(v) = &f.service_id {
             add("service_id = ?", Param::Text(v.clone()));
@@ -126,14 +205,21 @@ impl Store {
             add("method = ?", Param::Text(v.to_ascii_uppercase()));
         }
         if let Some(v) = &f.path {
-            // The pattern's own wildcards are escaped so the filter is a plain substring.
-            let escaped = v
-                .replace('\\', "\\\\")
-                .replace('%', "\\%")
-                .replace('_', "\\_");
+            add("path LIKE ? ESCAPE '\\'", Param::Text(contains_pattern(v)));
+        }
+        if let Some(v) = &f.user {
             add(
-                "path LIKE ? ESCAPE '\\'",
-                Param::Text(format!("%{escaped}%")),
+                "LOWER(user_id) LIKE ? ESCAPE '\\'",
+                Param::Text(contains_pattern(&v.to_lowercase())),
+            );
+        }
+        if let Some(v) = &f.search {
+            // One parameter for every column (`$n` may repeat in SQLite and PostgreSQL).
+            add(
+                "(LOWER(id) LIKE ? ESCAPE '\\' OR LOWER(host) LIKE ? ESCAPE '\\' \
+                 OR LOWER(path) LIKE ? ESCAPE '\\' OR LOWER(source_ip) LIKE ? ESCAPE '\\' \
+                 OR LOWER(user_id) LIKE ? ESCAPE '\\')",
+                Param::Text(contains_pattern(&v.to_lowercase())),
             );
         }
         if let Some(v) = f.from_ms {
@@ -162,7 +248,8 @@ impl Store {
         let offset = (page - 1).max(0) * page_size;
         let rows = bind_all(format!(
             "SELECT {COLUMNS} FROM access_logs WHERE {filter} \
-             ORDER BY timestamp_ms DESC, id DESC LIMIT {page_size} OFFSET {offset}"
+             ORDER BY {} LIMIT {page_size} OFFSET {offset}",
+            sort.order_by()
         ))
         .fetch_all(self.pool())
         .await?;
@@ -201,4 +288,173 @@ fn row_to_log(row: &sqlx::any::AnyRow) -> Result<AccessLogRow, StoreError> {
         protocol: row.try_get("protocol")?,
         metadata: row.try_get("metadata")?,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::test_store;
+
+    fn row(id: &str, account: &str, ts: i64, status: i64, path: &str, user: &str) -> AccessLogRow {
+        AccessLogRow {
+            id: id.into(),
+            account_id: account.into(),
+            service_id: format!("svc-{account}"),
+            timestamp_ms: ts,
+            method: "GET".into(),
+            host: "app.example".into(),
+            path: path.into(),
+            status_code: status,
+            source_ip: "192.0.2.1".into(),
+            user_id: user.into(),
+            metadata: "{}".into(),
+            ..Default::default()
+        }
+    }
+
+    async fn ids(store: &Store, account: &str, f: AccessLogFilter) -> Vec<String> {
+        store
+            .access_logs(account, &f, AccessLogSort::default(), 1, 100)
+            .await
+            .unwrap()
+            .rows
+            .into_iter()
+            .map(|r| r.id)
+            .collect()
+    }
+
+    #[tokio::test]
+    async fn filters_pages_sorting_and_pruning() {
+        let store = test_store().await;
+        let a = store.create_account("a").await.unwrap().id;
+        let b = store.create_account("b").await.unwrap().id;
+        for r in [
+            row("l1", &a, 1_000, 200, "/api/items", "password-user"),
+            row("l2", &a, 2_000, 401, "/login", ""),
+            row("l3", &a, 3_000, 302, "/100%_done", "pin-user"),
+            row("l4", &a, 4_000, 502, "/api/items/7", "header-user"),
+            row("l5", &b, 5_000, 200, "/api/items", "password-user"),
+        ] {
+            store.insert_access_log(&r).await.unwrap();
+        }
+        // Newest first, only the caller's account.
+        assert_eq!(
+            ids(&store, &a, AccessLogFilter::default()).await,
+            ["l4", "l3", "l2", "l1"]
+        );
+        let f = |g: fn(&mut AccessLogFilter)| {
+            let mut f = AccessLogFilter::default();
+            g(&mut f);
+            f
+        };
+        assert_eq!(
+            ids(&store, &a, f(|f| f.success = Some(true))).await,
+            ["l3", "l1"]
+        );
+        assert_eq!(
+            ids(&store, &a, f(|f| f.success = Some(false))).await,
+            ["l4", "l2"]
+        );
+        assert_eq!(
+            ids(&store, &a, f(|f| f.status_code = Some(401))).await,
+            ["l2"]
+        );
+        assert_eq!(
+            ids(&store, &a, f(|f| f.path = Some("/api".into()))).await,
+            ["l4", "l1"]
+        );
+        // LIKE wildcards in the filter are literal.
+        assert_eq!(
+            ids(&store, &a, f(|f| f.path = Some("%_".into()))).await,
+            ["l3"]
+        );
+        assert_eq!(
+            ids(&store, &a, f(|f| f.search = Some("PIN-".into()))).await,
+            ["l3"]
+        );
+        assert_eq!(
+            ids(&store, &a, f(|f| f.search = Some("items/".into()))).await,
+            ["l4"]
+        );
+        assert_eq!(
+            ids(&store, &a, f(|f| f.user = Some("header".into()))).await,
+            ["l4"]
+        );
+        assert_eq!(
+            ids(&store, &a, f(|f| f.user_id = Some("password-user".into()))).await,
+            ["l1"]
+        );
+        assert_eq!(
+            ids(
+                &store,
+                &a,
+                f(|f| {
+                    f.from_ms = Some(2_000);
+                    f.to_ms = Some(3_000);
+                    f.host = Some("APP.example".into());
+                    f.method = Some("get".into());
+                })
+            )
+            .await,
+            ["l3", "l2"]
+        );
+        assert!(
+            ids(&store, &a, f(|f| f.service_id = Some("other".into())))
+                .await
+                .is_empty()
+        );
+        // Pages and totals.
+        let p = store
+            .access_logs(
+                &a,
+                &AccessLogFilter::default(),
+                AccessLogSort::default(),
+                2,
+                3,
+            )
+            .await
+            .unwrap();
+        assert_eq!(p.total, 4);
+        assert_eq!(p.rows.len(), 1);
+        assert_eq!(p.rows[0].id, "l1");
+        // Sorting.
+        let sorted = store
+            .access_logs(
+                &a,
+                &AccessLogFilter::default(),
+                AccessLogSort {
+                    column: "status_code",
+                    ascending: true,
+                },
+                1,
+                10,
+            )
+            .await
+            .unwrap();
+        let codes: Vec<i64> = sorted.rows.iter().map(|r| r.status_code).collect();
+        assert_eq!(codes, [200, 302, 401, 502]);
+        // Every documented sort column is valid SQL.
+        for column in AccessLogSort::COLUMNS {
+            store
+                .access_logs(
+                    &a,
+                    &AccessLogFilter::default(),
+                    AccessLogSort {
+                        column,
+                        ascending: false,
+                    },
+                    1,
+                    10,
+                )
+                .await
+                .unwrap();
+        }
+        // Retention: everything before the cutoff goes, in every account.
+        assert_eq!(store.prune_access_logs(3_000).await.unwrap(), 2);
+        assert_eq!(
+            ids(&store, &a, AccessLogFilter::default()).await,
+            ["l4", "l3"]
+        );
+        assert_eq!(ids(&store, &b, AccessLogFilter::default()).await, ["l5"]);
+    }
 }

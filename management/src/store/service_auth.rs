@@ -19,6 +19,8 @@ pub struct ServiceAuthRow {
     pub session_private_key: String,
     pub session_public_key: String,
     pub max_session_age: i64,
+    /// Single sign-on: `None` off, else the group ids allowed in (empty: anyone who signs in).
+    pub sso_groups: Option<Vec<String>>,
 }
 
 impl Store {
@@ -28,7 +30,8 @@ impl Store {
     ) -> Result<Option<ServiceAuthRow>, StoreError> {
         let row = sqlx::query(
             "SELECT password_hash, pin_hash, header_auths, session_private_key, \
-             session_public_key, max_session_age FROM service_auth WHERE service_id = $1",
+             session_public_key, max_session_age, sso_groups FROM service_auth \
+             WHERE service_id = $1",
         )
         .bind(service_id)
         .fetch_optional(self.pool())
@@ -37,6 +40,11 @@ impl Store {
             return Ok(None);
         };
         let headers: String = row.try_get("header_auths")?;
+        let sso: Option<String> = row.try_get("sso_groups")?;
+        let sso_groups = sso
+            .map(|s| serde_json::from_str(&s))
+            .transpose()
+            .map_err(|e| StoreError::Corrupt(format!("service_auth.sso_groups: {e}")))?;
         Ok(Some(ServiceAuthRow {
             password_hash: row.try_get("password_hash")?,
             pin_hash: row.try_get("pin_hash")?,
@@ -45,6 +53,7 @@ impl Store {
             session_private_key: row.try_get("session_private_key")?,
             session_public_key: row.try_get("session_public_key")?,
             max_session_age: row.try_get("max_session_age")?,
+            sso_groups,
         }))
     }
 
@@ -62,10 +71,16 @@ impl Store {
         if let Some(a) = auth {
             let headers = serde_json::to_string(&a.header_auths)
                 .map_err(|e| StoreError::Corrupt(e.to_string()))?;
+            let sso = a
+                .sso_groups
+                .as_ref()
+                .map(serde_json::to_string)
+                .transpose()
+                .map_err(|e| StoreError::Corrupt(e.to_string()))?;
             sqlx::query(
                 "INSERT INTO service_auth (service_id, password_hash, pin_hash, header_auths, \
-                 session_private_key, session_public_key, max_session_age) \
-                 VALUES ($1, $2, $3, $4, $5, $6, $7)",
+                 session_private_key, session_public_key, max_session_age, sso_groups) \
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
             )
             .bind(service_id)
             .bind(a.password_hash.as_deref())
@@ -74,6 +89,7 @@ impl Store {
             .bind(&a.session_private_key)
             .bind(&a.session_public_key)
             .bind(a.max_session_age)
+            .bind(sso)
             .execute(&mut *tx)
             .await?;
         }

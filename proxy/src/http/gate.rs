@@ -384,7 +384,13 @@ async fn header_auth(
 }
 
 async fn start_sso(conn: &Conn, ctx: &Rc<WorkerCtx>, service: &Service, return_to: &str) -> Reply {
-    let redirect_url = format!("{}://{}{}", conn.scheme.as_str(), conn.head.host, return_to);
+    // The Host header as sent keeps a non-default port, which the browser must come back to.
+    let redirect_url = format!(
+        "{}://{}{}",
+        conn.scheme.as_str(),
+        String::from_utf8_lossy(conn.head.host_header()).to_ascii_lowercase(),
+        return_to
+    );
     match ctx
         .shared
         .auth_calls
