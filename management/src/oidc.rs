@@ -61,18 +61,9 @@ fn host_of(authority_and_path: &str) -> &str {
     authority.split(':').next().unwrap_or(authority)
 }
 
-/// `application/x-www-form-urlencoded` / query value encoding.
+/// `application/x-www-form-urlencoded` encoding of one value (query strings and forms).
 pub fn form_encode(s: &str) -> String {
-    let mut out = String::with_capacity(s.len());
-    for b in s.bytes() {
-        match b {
-            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'.' | b'_' | b'~' => {
-                out.push(b as char)
-            }
-            _ => out.push_str(&format!("%{b:02X}")),
-        }
-    }
-    out
+    form_urlencoded::byte_serialize(s.as_bytes()).collect()
 }
 
 #[cfg(test)]
@@ -89,6 +80,6 @@ mod tests {
         assert!(check_issuer_url("http://127.0.0.1.evil.example").is_err());
         assert!(check_issuer_url("ftp://x").is_err());
         assert!(check_issuer_url("https://x/?a=b").is_err());
-        assert_eq!(form_encode("a b&c=/"), "a%20b%26c%3D%2F");
+        assert_eq!(form_encode("a b&c=/"), "a+b%26c%3D%2F");
     }
 }

@@ -84,7 +84,17 @@ pub async fn run(
         tokio::spawn(crate::acme::manager::run(settings, prepared, parts));
     }
     if let Some(bouncer) = shared.crowdsec.clone() {
-        tokio::spawn(crate::crowdsec::run(bouncer));
+        tokio::spawn(crate::crowdsec::run(bouncer.clone()));
+        if shared.fast_path().is_some() {
+            let shared = shared.clone();
+            // Bans reach the XDP deny maps of `enforce` L4 ports as soon as they are known.
+            tokio::spawn(async move {
+                loop {
+                    bouncer.changed().await;
+                    sources::refresh_fast_path(&shared);
+                }
+            });
+        }
     }
     if let Some(link) = management {
         if let Some(queue) = shared.auth_calls.connect() {

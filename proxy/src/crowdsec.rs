@@ -72,6 +72,27 @@ impl DecisionSet {
         self.len() == 0
     }
 
+    /// The addresses and ranges of the decisions in force at `now`, IPv4 and IPv6 apart, each
+    /// in a stable order (so a kernel map gets the same subset every time it is cut short).
+    pub fn blocked_nets(&self, now: Instant) -> (Vec<IpNet>, Vec<IpNet>) {
+        let live = |d: &Decision| d.expires.is_none_or(|e| e > now);
+        let mut nets: Vec<IpNet> = self
+            .ips
+            .iter()
+            .filter(|(_, d)| live(d))
+            .map(|(ip, _)| IpNet::from(*ip))
+            .chain(
+                self.ranges
+                    .iter()
+                    .filter(|(_, d)| live(d))
+                    .map(|(n, _)| n.trunc()),
+            )
+            .collect();
+        nets.sort_unstable();
+        nets.dedup();
+        nets.into_iter().partition(|n| n.addr().is_ipv4())
+    }
+
     fn verdict(&self, ip: IpAddr, now: Instant) -> Option<&str> {
         let live = |d: &&Decision| d.expires.is_none_or(|e| e > now);
         if let Some(d) = self.ips.get(&ip).filter(live) {
@@ -131,6 +152,8 @@ pub struct Bouncer {
     pub settings: CrowdsecSettings,
     decisions: ArcSwap<DecisionSet>,
     status: Mutex<BouncerStatus>,
+    /// Woken on every new decision set, for the kernel fast path's deny maps.
+    changed: tokio::sync::Notify,
 }
 
 #[derive(Debug, Default, Clone)]
@@ -146,7 +169,18 @@ impl Bouncer {
             settings,
             decisions: ArcSwap::from_pointee(DecisionSet::default()),
             status: Mutex::new(BouncerStatus::default()),
+            changed: tokio::sync::Notify::new(),
         }
+    }
+
+    /// The banned addresses and ranges now (IPv4, IPv6).
+    pub fn blocked_nets(&self) -> (Vec<IpNet>, Vec<IpNet>) {
+        self.decisions.load().blocked_nets(Instant::now())
+    }
+
+    /// Resolves once a decision set newer than the last call's has been published.
+    pub async fn changed(&self) {
+        self.changed.notified().await;
     }
 
     /// The verdict on `ip` (`"ban:<scenario>"`), when a decision covers it.
@@ -160,6 +194,7 @@ impl Bouncer {
 
     fn publish(&self, set: DecisionSet) {
         self.decisions.store(std::sync::Arc::new(set));
+        self.changed.notify_one();
     }
 
     fn set_status(&self, f: impl FnOnce(&mut BouncerStatus)) {
@@ -272,6 +307,25 @@ mod tests {
         expired.expires = Some(now);
         s.add(Target::Ip("192.0.2.3".parse().unwrap()), expired);
         assert_eq!(s.verdict("192.0.2.3".parse().unwrap(), now), None);
+    }
+
+    #[test]
+    fn live_bans_become_kernel_nets() {
+        let mut s = DecisionSet::default();
+        let now = Instant::now();
+        s.add(Target::Ip("192.0.2.9".parse().unwrap()), decision(1));
+        s.add(
+            Target::Range("198.51.100.7/24".parse().unwrap()),
+            decision(2),
+        );
+        s.add(Target::Ip("2001:db8::1".parse().unwrap()), decision(3));
+        let mut expired = decision(4);
+        expired.expires = Some(now);
+        s.add(Target::Ip("192.0.2.10".parse().unwrap()), expired);
+        let (v4, v6) = s.blocked_nets(now);
+        let v4: Vec<String> = v4.iter().map(ToString::to_string).collect();
+        assert_eq!(v4, ["192.0.2.9/32", "198.51.100.0/24"]);
+        assert_eq!(v6, ["2001:db8::1/128".parse::<IpNet>().unwrap()]);
     }
 
     #[test]

@@ -152,16 +152,7 @@ pub fn jwt_claims(jwt: &str) -> Value {
 
 /// `application/x-www-form-urlencoded` value encoding.
 pub fn form_encode(s: &str) -> String {
-    let mut out = String::with_capacity(s.len());
-    for b in s.bytes() {
-        match b {
-            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'.' | b'_' | b'~' => {
-                out.push(b as char)
-            }
-            _ => out.push_str(&format!("%{b:02X}")),
-        }
-    }
-    out
+    form_urlencoded::byte_serialize(s.as_bytes()).collect()
 }
 
 /// One HTTP/1.1 request to 127.0.0.1:`port` with `Connection: close`, bounded by 10 s.

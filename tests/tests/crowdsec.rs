@@ -1,6 +1,7 @@
 //! CrowdSec end to end: a real Local API (Debian's `crowdsec`, run alone), decisions added and
 //! deleted with `cscli`, and the proxy following the decision stream: `enforce` services refuse
-//! a banned address (HTTP 403, L4 connection closed), `observe` services serve it.
+//! a banned address (HTTP 403, L4 connection closed), `observe` services serve it; with the
+//! kernel fast path on, bans of `enforce` L4 ports are dropped by XDP.
 
 use std::io::{Read, Write};
 use std::net::{Ipv4Addr, SocketAddr};
@@ -37,6 +38,17 @@ fn eventually(what: &str, p: &Proxy, f: impl Fn() -> bool) {
     }
 }
 
+/// The proxy on `mappings`, following the Local API's stream every second.
+fn start_proxy(lapi: &LocalApi, mappings: String, (key, value): (&str, &str)) -> Proxy {
+    Proxy::start(
+        ProxyOptions::new(mappings)
+            .env("NB_PROXY_CROWDSEC_API_URL", &lapi.url)
+            .env("NB_PROXY_CROWDSEC_API_KEY", &lapi.bouncer_key)
+            .env("PORTCULLIS_CROWDSEC_INTERVAL", "1s")
+            .env(key, value),
+    )
+}
+
 fn l4_answers(port: u16, source: Ipv4Addr) -> bool {
     let dst: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
     let Ok(mut s) = tcp_from(source, dst, Duration::from_secs(5)) else {
@@ -69,13 +81,7 @@ fn decisions_block_in_enforce_and_are_only_logged_in_observe() {
         b = backend.port(),
         echo = echo.addr,
     );
-    let p = Proxy::start(
-        ProxyOptions::new(mappings)
-            .env("NB_PROXY_CROWDSEC_API_URL", &lapi.url)
-            .env("NB_PROXY_CROWDSEC_API_KEY", &lapi.bouncer_key)
-            .env("PORTCULLIS_CROWDSEC_INTERVAL", "1s")
-            .env("PORTCULLIS_EBPF", "off"),
-    );
+    let p = start_proxy(&lapi, mappings, ("PORTCULLIS_EBPF", "off"));
     p.wait_health("the bouncer connected", |h| {
         h["crowdsec"]["connected"] == true && h["services"] == 3
     });
@@ -108,4 +114,81 @@ fn decisions_block_in_enforce_and_are_only_logged_in_observe() {
         status(&p, "enforce.test.internal", banned) == 200
     });
     assert!(l4_answers(l4_port, banned_v4));
+}
+
+/// A ban reaches the XDP deny map of an `enforce` L4 port: the banned source's SYN is dropped
+/// in the kernel (its connect times out and user space never sees it), others pass. XDP runs
+/// on loopback here, where the test's sources live.
+#[test]
+fn bans_reach_the_xdp_deny_map_of_enforcing_ports() {
+    let dir = TestDir::new("crowdsec-xdp");
+    let Some(lapi) = LocalApi::start(&dir) else {
+        return;
+    };
+    let echo = Target::tcp_echo(false);
+    let l4_port = free_port();
+    let mappings = format!(
+        "[[service]]\nid = \"l4\"\ndomain = \"l4.test.internal\"\nmode = \"tcp\"\nlisten_port = {l4_port}\n\
+         crowdsec_mode = \"enforce\"\n[[service.path]]\ntarget = \"{echo}\"\n",
+        echo = echo.addr,
+    );
+    let p = start_proxy(&lapi, mappings, ("PORTCULLIS_XDP_INTERFACES", "lo"));
+    let state = p.health()["ebpf"].as_str().unwrap_or("").to_string();
+    if !state.starts_with("on") {
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "in CI the fast path must load; /healthz says {state:?}; log:\n{}",
+            p.log_text()
+        );
+        eprintln!("skipping: the kernel fast path is off here ({state})");
+        return;
+    }
+    let key = format!("{l4_port}/tcp");
+    p.wait_health("the bouncer connected and the port in the XDP map", |h| {
+        h["crowdsec"]["connected"] == true && h["l4"]["xdp"][&key].is_object()
+    });
+    let banned = Ipv4Addr::new(127, 0, 0, 9);
+    assert!(l4_answers(l4_port, banned));
+
+    lapi.ban(&banned.to_string());
+    let dst: SocketAddr = format!("127.0.0.1:{l4_port}").parse().unwrap();
+    // Polls until the SYN is dropped rather than answered (≤ 15 s of 1 s attempts).
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        match tcp_from(banned, dst, Duration::from_secs(1)) {
+            Err(e) if e.kind() == std::io::ErrorKind::TimedOut => break,
+            _ => {}
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the ban never reached the XDP map: {}\n{}",
+            p.health(),
+            p.log_text()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let h = p.health();
+    let dropped = h["l4"]["xdp"][&key]["dropped_packets"]
+        .as_u64()
+        .unwrap_or(0);
+    assert!(dropped >= 1, "the SYN was dropped in XDP: {h}");
+    let denied_before = h["l4"]["denied"].as_u64().unwrap_or(0);
+    assert!(l4_answers(l4_port, Ipv4Addr::new(127, 0, 0, 1)));
+    assert!(tcp_from(banned, dst, Duration::from_secs(1)).is_err());
+    assert_eq!(
+        p.health()["l4"]["denied"].as_u64().unwrap_or(0),
+        denied_before,
+        "user space never saw the banned source again: XDP dropped it first"
+    );
+
+    lapi.unban(&banned.to_string());
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while !l4_answers(l4_port, banned) {
+        assert!(
+            Instant::now() < deadline,
+            "the deletion never left the XDP map: {}",
+            p.health()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
 }

@@ -5,6 +5,7 @@
 use std::collections::{BTreeSet, HashMap};
 use std::sync::Mutex;
 
+use ipnet::IpNet;
 use proto::ProxyMapping;
 use tokio::sync::watch;
 
@@ -142,12 +143,20 @@ fn sync_ports(inner: &mut Inner, l4: &L4Table) -> HashMap<String, String> {
     skipped
 }
 
+/// Puts the current route table's port policies (and CrowdSec bans) into the kernel maps.
+pub fn refresh_fast_path(shared: &Shared) {
+    let table = shared.routes.load_full();
+    update_fast_path(shared, &table.l4);
+}
+
 fn update_fast_path(shared: &Shared, l4: &L4Table) {
     let mut guard = shared.fast_path();
     let Some(fp) = guard.as_mut() else {
         return;
     };
     let mut specs = Vec::new();
+    // Ports whose one service enforces CrowdSec get the bans too, in what the tries have left.
+    let mut crowdsec_ports = Vec::new();
     for (transport, port) in l4.ports() {
         let services = l4.services_on(transport, port);
         // Several TLS services share a port; the kernel can only drop what every one of them
@@ -158,7 +167,12 @@ fn update_fast_path(shared: &Shared, l4: &L4Table) {
             && shared.config.proxy_protocol
             && !shared.config.trusted_proxies.is_empty();
         let (allowed, blocked) = match services.as_slice() {
-            [one] if !behind_balancer => (one.access.allowed.clone(), one.access.blocked.clone()),
+            [one] if !behind_balancer => {
+                if one.crowdsec == crate::crowdsec::CrowdsecMode::Enforce {
+                    crowdsec_ports.push(specs.len());
+                }
+                (one.access.allowed.clone(), one.access.blocked.clone())
+            }
             _ => (Vec::new(), Vec::new()),
         };
         specs.push(PortPolicySpec {
@@ -171,7 +185,92 @@ fn update_fast_path(shared: &Shared, l4: &L4Table) {
             blocked,
         });
     }
+    if let Some(bouncer) = shared.crowdsec.as_deref()
+        && !crowdsec_ports.is_empty()
+    {
+        add_bans(&mut specs, &crowdsec_ports, bouncer.blocked_nets());
+    }
     if let Err(e) = fp.set_ports(&specs) {
         tracing::error!(error = %e, "kernel fast path maps not updated; user space still filters");
+    }
+}
+
+/// Adds the bans to the ports at `ports`, within the room the shared block tries have left
+/// (split evenly between those ports). Bans that do not fit are still refused in user space.
+fn add_bans(specs: &mut [PortPolicySpec], ports: &[usize], (v4, v6): (Vec<IpNet>, Vec<IpNet>)) {
+    let max = proxy_common::MAX_SOURCES as usize;
+    let used = |want_v4: bool| -> usize {
+        specs
+            .iter()
+            .flat_map(|s| &s.blocked)
+            .filter(|n| n.addr().is_ipv4() == want_v4)
+            .count()
+    };
+    let share_v4 = max.saturating_sub(used(true)) / ports.len();
+    let share_v6 = max.saturating_sub(used(false)) / ports.len();
+    if v4.len() > share_v4 || v6.len() > share_v6 {
+        tracing::debug!(
+            v4 = v4.len(),
+            v6 = v6.len(),
+            share_v4,
+            share_v6,
+            "CrowdSec bans beyond the kernel maps' room are refused in user space only"
+        );
+    }
+    for &i in ports {
+        let blocked = &mut specs[i].blocked;
+        blocked.extend(v4.iter().take(share_v4).copied());
+        blocked.extend(v6.iter().take(share_v6).copied());
+        blocked.sort_unstable();
+        blocked.dedup();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn spec(port: u16, blocked: &[&str]) -> PortPolicySpec {
+        PortPolicySpec {
+            port,
+            protocol: L4Protocol::Tcp,
+            allowed: Vec::new(),
+            blocked: blocked.iter().map(|b| b.parse().unwrap()).collect(),
+        }
+    }
+
+    #[test]
+    fn bans_join_enforcing_ports_within_the_tries_room() {
+        let mut specs = vec![spec(1, &["203.0.113.0/24"]), spec(2, &[]), spec(3, &[])];
+        let v4: Vec<IpNet> = vec![
+            "192.0.2.1/32".parse().unwrap(),
+            "203.0.113.0/24".parse().unwrap(),
+        ];
+        add_bans(&mut specs, &[0, 2], (v4, Vec::new()));
+        let shown = |s: &PortPolicySpec| -> Vec<String> {
+            s.blocked.iter().map(ToString::to_string).collect()
+        };
+        assert_eq!(shown(&specs[0]), ["192.0.2.1/32", "203.0.113.0/24"]);
+        assert!(
+            specs[1].blocked.is_empty(),
+            "a port that only observes gets no bans"
+        );
+        assert_eq!(shown(&specs[2]), ["192.0.2.1/32", "203.0.113.0/24"]);
+
+        // More bans than the shared trie holds: each enforcing port gets an equal share and the
+        // whole set still fits.
+        let max = proxy_common::MAX_SOURCES as usize;
+        let many: Vec<IpNet> = (0..max as u32)
+            .map(|i| {
+                IpNet::from(std::net::IpAddr::from(std::net::Ipv4Addr::from(
+                    0x0a00_0000 + i,
+                )))
+            })
+            .collect();
+        let mut specs = vec![spec(1, &["203.0.113.0/24"]), spec(2, &[])];
+        add_bans(&mut specs, &[0, 1], (many, Vec::new()));
+        let total: usize = specs.iter().map(|s| s.blocked.len()).sum();
+        assert!(total <= max, "{total} entries");
+        assert_eq!(specs[1].blocked.len(), (max - 1) / 2);
     }
 }

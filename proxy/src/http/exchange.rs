@@ -79,7 +79,10 @@ pub async fn exchange<S: AsyncReadRent + AsyncWriteRent>(
         tracing::info!(client = %client_ip, service = %service.id, %verdict, refused = refuse, "CrowdSec verdict");
     }
     record.crowdsec_verdict = crowdsec.map(|(verdict, _)| verdict);
-    if !service.access.permits(client_ip) || refused_by_crowdsec {
+    // NetBird-only services are for requests that arrive over the mesh, which this proxy does
+    // not accept yet (no inbound listener on its tunnel addresses, see `supports_private_service`),
+    // so every request is from outside the mesh: refused, never served unauthenticated.
+    if !service.access.permits(client_ip) || refused_by_crowdsec || service.private {
         record.status = ProxyStatus::Forbidden.code();
         access_log::record(ctx, &service, conn, client_ip, started, &record);
         return answer(client, conn, ProxyStatus::Forbidden).await;

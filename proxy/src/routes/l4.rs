@@ -120,6 +120,15 @@ impl L4Service {
             .ok()
             .filter(|p| *p != 0)
             .ok_or(RouteError::L4("listen_port must be 1-65535".to_string()))?;
+        if m.private {
+            // Fail closed: only connections over the mesh may reach a NetBird-only service, and
+            // this proxy does not accept connections over the mesh yet.
+            return Err(RouteError::L4(
+                "NetBird-only (private) L4 services are not served: this proxy does not accept \
+                 connections over the mesh yet"
+                    .to_string(),
+            ));
+        }
         let domain = m.domain.trim().trim_end_matches('.').to_ascii_lowercase();
         if mode == L4Mode::Tls {
             validate_domain(&domain).map_err(RouteError::Domain)?;
@@ -335,6 +344,24 @@ mod tests {
             ..Default::default()
         };
         L4Service::from_mapping(&m, L4Mode::parse(mode).unwrap()).unwrap()
+    }
+
+    #[test]
+    fn netbird_only_services_are_refused_not_published() {
+        let m = ProxyMapping {
+            id: "p".into(),
+            mode: "tcp".into(),
+            listen_port: 7000,
+            private: true,
+            path: vec![PathMapping {
+                path: String::new(),
+                target: "10.0.0.1:9000".into(),
+                options: Some(PathTargetOptions::default()),
+            }],
+            ..Default::default()
+        };
+        let e = L4Service::from_mapping(&m, L4Mode::Tcp).unwrap_err();
+        assert!(e.to_string().contains("over the mesh"), "{e}");
     }
 
     #[test]
