@@ -187,9 +187,6 @@ pub async fn oidc_url(
                     Status::failed_precondition(e.to_string())
                 }
                 SignInError::BadRedirect(_) => Status::invalid_argument(e.to_string()),
-                SignInError::Store(crate::store::StoreError::Conflict(_)) => {
-                    Status::resource_exhausted(e.to_string())
-                }
                 SignInError::Oidc(_) => Status::unavailable(e.to_string()),
                 _ => Status::internal(e.to_string()),
             })

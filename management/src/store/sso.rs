@@ -6,8 +6,9 @@ use sqlx::Row;
 use super::{Role, Store, StoreError, User, is_unique_violation, now};
 use crate::secrets;
 
-/// At most this many sign-ins of one account wait for their callback; more are refused, so a
-/// caller cannot fill the store with abandoned ones.
+/// At most this many sign-ins of one account wait for their callback; the oldest make room for
+/// new ones, so abandoned sign-ins (anyone can start one at a proxy) neither fill the store nor
+/// lock out the next person.
 pub const MAX_PENDING_SIGN_INS: i64 = 10_000;
 
 #[derive(Clone, PartialEq, Eq)]
@@ -261,11 +262,21 @@ impl Store {
     }
 
     /// Stores a sign-in under the hash of its state. Expired ones are cleared first; an account
-    /// with [`MAX_PENDING_SIGN_INS`] waiting gets a conflict.
+    /// with [`MAX_PENDING_SIGN_INS`] waiting loses its oldest.
     pub async fn insert_pending_sign_in(
         &self,
         state_hash: &str,
         p: &PendingSignIn,
+    ) -> Result<(), StoreError> {
+        self.insert_pending_sign_in_within(state_hash, p, MAX_PENDING_SIGN_INS)
+            .await
+    }
+
+    async fn insert_pending_sign_in_within(
+        &self,
+        state_hash: &str,
+        p: &PendingSignIn,
+        cap: i64,
     ) -> Result<(), StoreError> {
         sqlx::query("DELETE FROM sso_logins WHERE expires_at < $1")
             .bind(now())
@@ -276,10 +287,16 @@ impl Store {
                 .bind(&p.account_id)
                 .fetch_one(self.pool())
                 .await?;
-        if waiting >= MAX_PENDING_SIGN_INS {
-            return Err(StoreError::Conflict(
-                "too many sign-ins are waiting for the identity provider".into(),
-            ));
+        if waiting >= cap {
+            let excess = waiting - cap + 1;
+            sqlx::query(
+                "DELETE FROM sso_logins WHERE state_hash IN (SELECT state_hash FROM sso_logins \
+                 WHERE account_id = $1 ORDER BY expires_at, state_hash LIMIT $2)",
+            )
+            .bind(&p.account_id)
+            .bind(excess)
+            .execute(self.pool())
+            .await?;
         }
         sqlx::query(
             "INSERT INTO sso_logins (state_hash, account_id, service_id, redirect_url, nonce, \
@@ -381,5 +398,63 @@ mod tests {
             store.create_group(&a, "staff", "api").await,
             Err(StoreError::Conflict(_))
         ));
+    }
+
+    #[tokio::test]
+    async fn a_pending_sign_in_is_taken_once() {
+        let store = test_store().await;
+        let a = store.create_account("a").await.unwrap().id;
+        store
+            .insert_service(&crate::store::ServiceRecord {
+                id: "svc".into(),
+                account_id: a.clone(),
+                name: "app".into(),
+                domain: "app.example".into(),
+                cluster_address: "example".into(),
+                spec: "{}".into(),
+                enabled: true,
+                status: crate::store::ServiceStatus::Active,
+                status_message: None,
+                certificate_issued: false,
+                created_at: 0,
+                updated_at: 0,
+            })
+            .await
+            .unwrap();
+        let pending = PendingSignIn {
+            account_id: a.clone(),
+            service_id: "svc".into(),
+            redirect_url: "https://app.example/".into(),
+            nonce: "n".into(),
+            code_verifier: "v".into(),
+            expires_at: now() + 600,
+        };
+        store.insert_pending_sign_in("h1", &pending).await.unwrap();
+        assert_eq!(
+            store.take_pending_sign_in("h1").await.unwrap(),
+            Some(pending.clone())
+        );
+        assert_eq!(store.take_pending_sign_in("h1").await.unwrap(), None);
+        assert_eq!(store.take_pending_sign_in("nope").await.unwrap(), None);
+        // Expired ones are cleared by the next insert.
+        let old = PendingSignIn {
+            expires_at: now() - 1,
+            ..pending.clone()
+        };
+        store.insert_pending_sign_in("h2", &old).await.unwrap();
+        store.insert_pending_sign_in("h3", &pending).await.unwrap();
+        assert_eq!(store.take_pending_sign_in("h2").await.unwrap(), None);
+        assert!(store.take_pending_sign_in("h3").await.unwrap().is_some());
+        // Full: the oldest makes room.
+        for (i, h) in ["a", "b", "c"].into_iter().enumerate() {
+            let p = PendingSignIn {
+                expires_at: now() + 600 + i as i64,
+                ..pending.clone()
+            };
+            store.insert_pending_sign_in_within(h, &p, 2).await.unwrap();
+        }
+        assert_eq!(store.take_pending_sign_in("a").await.unwrap(), None);
+        assert!(store.take_pending_sign_in("b").await.unwrap().is_some());
+        assert!(store.take_pending_sign_in("c").await.unwrap().is_some());
     }
 }
