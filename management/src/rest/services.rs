@@ -350,6 +350,61 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn single_sign_on_needs_the_provider_and_known_groups_that_stay_while_used() {
+        let (st, owner) = state().await;
+        let sso = |groups: serde_json::Value| {
+            body(json!({"bearer_auth": {"enabled": true, "distribution_groups": groups}}))
+        };
+        let e = create(State(st.clone()), caller(&owner), sso(json!([])))
+            .await
+            .unwrap_err();
+        assert!(e.message.contains("identity provider"), "{}", e.message);
+        st.store
+            .put_identity_provider(&crate::store::IdentityProvider {
+                account_id: owner.account().to_string(),
+                issuer: "https://id.example".into(),
+                client_id: "c".into(),
+                client_secret: "s".into(),
+                groups_claim: "groups".into(),
+            })
+            .await
+            .unwrap();
+        let staff = st
+            .store
+            .create_group(owner.account(), "staff", "api")
+            .await
+            .unwrap();
+        let e = create(State(st.clone()), caller(&owner), sso(json!(["nope"])))
+            .await
+            .unwrap_err();
+        assert!(e.message.contains("no group with id"), "{}", e.message);
+        let Json(created) = create(State(st.clone()), caller(&owner), sso(json!([staff.id])))
+            .await
+            .unwrap_or_else(|e| panic!("{}", e.message));
+        assert_eq!(
+            created["auth"]["bearer_auth"]["distribution_groups"][0],
+            staff.id.as_str()
+        );
+        let id = created["id"].as_str().unwrap();
+        let stored = st.store.service_auth(id).await.unwrap().unwrap();
+        assert_eq!(stored.sso_groups, Some(vec![staff.id.clone()]));
+        assert!(crate::credentials::to_proto(&stored).oidc);
+        // In use: neither the group nor the provider can go.
+        let e = super::super::sso::delete_group(
+            State(st.clone()),
+            caller(&owner),
+            Path(staff.id.clone()),
+        )
+        .await
+        .unwrap_err();
+        assert_eq!(e.status, StatusCode::CONFLICT);
+        let e = super::super::sso::delete_provider(State(st.clone()), caller(&owner))
+            .await
+            .unwrap_err();
+        assert_eq!(e.status, StatusCode::CONFLICT);
+    }
+
+    #[tokio::test]
     async fn credentials_are_hashed_kept_and_removed() {
         let (st, owner) = state().await;
         let mut events = st.bus.subscribe();
