@@ -9,6 +9,7 @@ pub mod client_hello;
 pub mod listeners;
 pub mod proxy_header;
 pub mod tcp;
+mod tcp_bytes;
 pub mod udp;
 
 use std::rc::Rc;

@@ -21,6 +21,57 @@ fn l4_body(name: &str, mode: &str, port: u16, target_port: u16) -> Value {
     })
 }
 
+/// Both connections to `service` reach `/api/events/proxy` with the bytes they carried each way,
+/// also when the kernel spliced them (its bytes never cross user space).
+fn access_logs_count_every_byte(api: &tests::management::Api, service: &str, proxy: &Proxy) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let entries = loop {
+        let page = api.ok(
+            "GET",
+            &format!("/api/events/proxy?service_id={service}"),
+            None,
+        );
+        let entries = page["data"].as_array().cloned().unwrap_or_default();
+        if entries.len() >= 2 {
+            break entries;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the L4 connections were not logged: {page}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    let mut carried: Vec<(i64, i64)> = entries
+        .iter()
+        .map(|e| {
+            assert_eq!(e["protocol"], "tcp", "{e}");
+            (
+                e["bytes_upload"].as_i64().unwrap_or(-1),
+                e["bytes_download"].as_i64().unwrap_or(-1),
+            )
+        })
+        .collect();
+    carried.sort_unstable();
+    assert_eq!(
+        carried,
+        [(64 * 1024, 64 * 1024), (256 * 1024, 256 * 1024)],
+        "{entries:?}"
+    );
+    let ebpf = proxy.health()["ebpf"].as_str().unwrap_or("").to_string();
+    if ebpf.contains("splice on") {
+        assert!(
+            entries.iter().all(|e| e["metadata"]["spliced"] == "true"),
+            "both connections were spliced: {entries:?}"
+        );
+    } else {
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "in CI the splice must load; /healthz says {ebpf:?}"
+        );
+        eprintln!("the splice is off here ({ebpf}); only user-space counts were checked");
+    }
+}
+
 /// Polls the service until its status is no longer pending; returns it.
 fn settled(api: &tests::management::Api, id: &str) -> Value {
     let deadline = Instant::now() + Duration::from_secs(10);
@@ -47,7 +98,8 @@ fn l4_services_from_management_and_a_held_port_reported() {
             .env("NB_PROXY_MANAGEMENT_ADDRESS", &m.grpc_url())
             .env("NB_PROXY_TOKEN", &token)
             .env("NB_PROXY_ALLOW_INSECURE", "true")
-            .env("NB_PROXY_DOMAIN", "l4m.test"),
+            .env("NB_PROXY_DOMAIN", "l4m.test")
+            .env("PORTCULLIS_L4_SPLICE", "on"),
     );
     proxy.wait_health("initial sync", |h| h["initial_sync_complete"] == true);
     let clusters = api.ok("GET", "/api/reverse-proxies/clusters", None);
@@ -93,6 +145,7 @@ fn l4_services_from_management_and_a_held_port_reported() {
         64 * 1024,
     );
     assert_eq!(a, b, "the other service is untouched");
+    access_logs_count_every_byte(&api, good["id"].as_str().unwrap(), &proxy);
 
     // Management itself refuses a second service on a port of the same cluster, and bad shapes.
     let (status, v) = api.call(

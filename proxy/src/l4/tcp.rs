@@ -181,14 +181,16 @@ async fn serve(
             mark.as_ref().map(|m| move || m.b_to_a_flushed(a, b)),
         ),
     );
-    crate::http::access_log::record_l4(
-        &ctx,
-        &service,
-        peer.ip(),
-        started,
-        (up, down),
-        mark.is_some(),
-    );
+    // Spliced bytes pass user space by, so the client socket's own counts are the truth.
+    let carried = match mark {
+        // SAFETY: `cr` and `cw` are still alive and keep the client's descriptor open.
+        Some(_) => super::tcp_bytes::carried(unsafe { BorrowedFd::borrow_raw(client_fd) })
+            .map_or((up, down), |(received, acked)| {
+                (received.max(up), acked.max(down))
+            }),
+        None => (up, down),
+    };
+    crate::http::access_log::record_l4(&ctx, &service, peer.ip(), started, carried, mark.is_some());
 }
 
 /// One direction: copies until its source ends, lets the kernel pass on what it spliced (when
