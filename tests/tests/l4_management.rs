@@ -1,11 +1,12 @@
 //! L4 services created through management's REST API reach a proxy, which opens their ports;
 //! a port held by another program is reported back with SendStatusUpdate (`error` and why)
-//! while the other services keep working. Runs on loopback with the real management (SQLite).
+//! while the other services keep working; TCP connections (spliced too) and UDP sessions show
+//! up in the access log with their bytes. Runs on loopback with the real management (SQLite).
 
 use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
-use tests::l4_client::{echo_round_trip, tcp_from};
+use tests::l4_client::{echo_round_trip, tcp_from, udp_from};
 use tests::l4_targets::Target;
 use tests::management::{Management, StoreKind, TestStore};
 use tests::proxy::{Proxy, ProxyOptions, TestDir, free_port};
@@ -70,6 +71,42 @@ fn access_logs_count_every_byte(api: &tests::management::Api, service: &str, pro
         );
         eprintln!("the splice is off here ({ebpf}); only user-space counts were checked");
     }
+}
+
+/// A UDP session gets one access log entry, with its bytes each way, once it is reaped.
+fn udp_sessions_are_logged_when_they_end(api: &tests::management::Api) {
+    let echo = Target::udp_echo();
+    let port = free_port();
+    let mut body = l4_body("dns", "udp", port, echo.addr.port());
+    body["targets"][0]["protocol"] = json!("udp");
+    body["targets"][0]["options"] = json!({"session_idle_timeout": "1s"});
+    let created = api.ok("POST", "/api/reverse-proxies/services", Some(&body));
+    let id = created["id"].as_str().unwrap().to_string();
+    assert_eq!(settled(api, &id)["meta"]["status"], "active");
+    let client = udp_from("127.0.0.1".parse().unwrap());
+    let dst: std::net::SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    let mut buf = [0u8; 256];
+    for i in 0..3u8 {
+        client.send_to(&[i; 100], dst).expect("send");
+        let (n, _) = client.recv_from(&mut buf).expect("the echo");
+        assert_eq!(&buf[..n], &[i; 100]);
+    }
+    let deadline = Instant::now() + Duration::from_secs(15);
+    let entry = loop {
+        let page = api.ok("GET", &format!("/api/events/proxy?service_id={id}"), None);
+        if let Some(e) = page["data"].as_array().and_then(|d| d.first()) {
+            break e.clone();
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the UDP session was not logged after it idled out: {page}"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    assert_eq!(entry["protocol"], "udp", "{entry}");
+    assert_eq!(entry["bytes_upload"], 300, "{entry}");
+    assert_eq!(entry["bytes_download"], 300, "{entry}");
+    assert_eq!(entry["source_ip"], "127.0.0.1", "{entry}");
 }
 
 /// Polls the service until its status is no longer pending; returns it.
@@ -146,6 +183,7 @@ fn l4_services_from_management_and_a_held_port_reported() {
     );
     assert_eq!(a, b, "the other service is untouched");
     access_logs_count_every_byte(&api, good["id"].as_str().unwrap(), &proxy);
+    udp_sessions_are_logged_when_they_end(&api);
 
     // Management itself refuses a second service on a port of the same cluster, and bad shapes.
     let (status, v) = api.call(

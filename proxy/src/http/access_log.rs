@@ -18,6 +18,7 @@ pub fn record_l4(
     client_ip: IpAddr,
     started: Instant,
     (up, down): (u64, u64),
+    protocol: &str,
     spliced: bool,
 ) {
     let Some(queue) = ctx.shared.access_log.get() else {
@@ -32,7 +33,7 @@ pub fn record_l4(
         auth_success: true,
         bytes_upload: up.min(i64::MAX as u64) as i64,
         bytes_download: down.min(i64::MAX as u64) as i64,
-        protocol: "tcp".to_string(),
+        protocol: protocol.to_string(),
         ..Default::default()
     };
     if spliced {

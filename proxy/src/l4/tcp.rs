@@ -190,7 +190,15 @@ async fn serve(
             }),
         None => (up, down),
     };
-    crate::http::access_log::record_l4(&ctx, &service, peer.ip(), started, carried, mark.is_some());
+    crate::http::access_log::record_l4(
+        &ctx,
+        &service,
+        peer.ip(),
+        started,
+        carried,
+        "tcp",
+        mark.is_some(),
+    );
 }
 
 /// One direction: copies until its source ends, lets the kernel pass on what it spliced (when

@@ -51,6 +51,11 @@ struct Session {
     upstream: PortSocket,
     last_seen: Cell<Instant>,
     _guard: ConnectionGuard,
+    /// For the access log entry written when the session ends.
+    service: std::sync::Arc<L4Service>,
+    started: std::time::Instant,
+    bytes_up: Cell<u64>,
+    bytes_down: Cell<u64>,
 }
 
 type Sessions = Rc<RefCell<HashMap<SocketAddr, Rc<Session>>>>;
@@ -95,7 +100,9 @@ pub async fn serve(
             };
             session.last_seen.set(Instant::now());
             // A full send buffer drops the datagram, as the network would.
-            let _ = session.upstream.io.send(&b[..n]);
+            if session.upstream.io.send(&b[..n]).is_ok() {
+                session.bytes_up.set(session.bytes_up.get() + n as u64);
+            }
         }
     }
     // Sessions notice the closed port on their own and end.
@@ -153,6 +160,10 @@ fn session_for(
         upstream,
         last_seen: Cell::new(Instant::now()),
         _guard: guard,
+        service,
+        started: std::time::Instant::now(),
+        bytes_up: Cell::new(0),
+        bytes_down: Cell::new(0),
     });
     sessions.borrow_mut().insert(client, session.clone());
     stats.udp_sessions.fetch_add(1, Ordering::Relaxed);
@@ -214,7 +225,9 @@ async fn replies(
             match session.upstream.io.recv(&mut b) {
                 Ok(n) => {
                     session.last_seen.set(Instant::now());
-                    let _ = socket.io.send_to(&b[..n], client);
+                    if socket.io.send_to(&b[..n], client).is_ok() {
+                        session.bytes_down.set(session.bytes_down.get() + n as u64);
+                    }
                 }
                 Err(e) if e.kind() == ErrorKind::WouldBlock => break,
                 // ICMP port unreachable from the target shows up here; the session lives on
@@ -223,10 +236,21 @@ async fn replies(
             }
         }
     }
-    let mut map = sessions.borrow_mut();
-    if map.get(&client).is_some_and(|s| Rc::ptr_eq(s, &session)) {
-        map.remove(&client);
+    {
+        let mut map = sessions.borrow_mut();
+        if map.get(&client).is_some_and(|s| Rc::ptr_eq(s, &session)) {
+            map.remove(&client);
+        }
     }
+    crate::http::access_log::record_l4(
+        &ctx,
+        &session.service,
+        client.ip(),
+        session.started,
+        (session.bytes_up.get(), session.bytes_down.get()),
+        "udp",
+        false,
+    );
     ctx.shared
         .status
         .l4
