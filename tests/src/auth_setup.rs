@@ -1,6 +1,7 @@
 //! The protected services of the authentication tests: the real management on SQLite, a proxy
 //! joined to it, and three services behind password, PIN and header authentication.
 
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
@@ -138,4 +139,27 @@ pub fn wait_status(s: &Setup, host: &str, want: u16) {
 
 pub fn get(s: &Setup, host: &str, path: &str, extra: &[&str]) -> CurlResponse {
     curl(&s.proxy.ca_path(), host, s.proxy.https_port, path, extra)
+}
+
+/// The private session key management stored for `domain` (read from the SQLite file, the
+/// way an attacker with the key would sign; used to build tokens that fail for one reason).
+pub fn session_private_key(s: &Setup, domain: &str) -> String {
+    let db = s.store.sqlite_path.as_ref().expect("sqlite");
+    let out = Command::new("python3")
+        .arg("-c")
+        .arg(
+            "import sqlite3,sys; c=sqlite3.connect(sys.argv[1]); \
+             print(c.execute('select a.session_private_key from service_auth a join services s \
+             on s.id=a.service_id where s.domain=?', (sys.argv[2],)).fetchone()[0])",
+        )
+        .arg(db)
+        .arg(domain)
+        .output()
+        .expect("python3");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).trim().to_string()
 }

@@ -3,11 +3,12 @@
 //! sets and verifies the `nb_session` cookie locally, limits failed attempts, sets identity
 //! headers and ships access logs.
 
-use std::process::Command;
 use std::time::{Duration, Instant};
 
 use proto::session::{Audience, SessionClaims, SessionGrant, sign};
-use tests::auth_setup::{API_KEY, CLUSTER, HTML, PASSWORD, PIN, Setup, get, setup};
+use tests::auth_setup::{
+    API_KEY, CLUSTER, HTML, PASSWORD, PIN, Setup, get, session_private_key, setup,
+};
 use tests::client::CurlResponse;
 
 /// The value of cookie `name` among a response's `Set-Cookie` headers.
@@ -97,29 +98,6 @@ fn header_of(headers: &[(String, String)], name: &str) -> Vec<String> {
         .filter(|(n, _)| n == name)
         .map(|(_, v)| v.clone())
         .collect()
-}
-
-/// The private session key management stored for `domain` (read from the SQLite file, the
-/// way an attacker with the key would sign; used to build tokens that fail for one reason).
-fn private_key_of(s: &Setup, domain: &str) -> String {
-    let db = s.store.sqlite_path.as_ref().expect("sqlite");
-    let out = Command::new("python3")
-        .arg("-c")
-        .arg(
-            "import sqlite3,sys; c=sqlite3.connect(sys.argv[1]); \
-             print(c.execute('select a.session_private_key from service_auth a join services s \
-             on s.id=a.service_id where s.domain=?', (sys.argv[2],)).fetchone()[0])",
-        )
-        .arg(db)
-        .arg(domain)
-        .output()
-        .expect("python3");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).trim().to_string()
 }
 
 fn now() -> i64 {
@@ -267,7 +245,7 @@ fn forged_expired_and_foreign_cookies_show_the_login_page() {
         200
     );
 
-    let key = private_key_of(&s, &host);
+    let key = session_private_key(&s, &host);
     let grant = |domain: &str| SessionGrant {
         user_id: "intruder".into(),
         domain: domain.into(),

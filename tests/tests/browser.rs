@@ -11,9 +11,12 @@ use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
-use tests::auth_setup::{CLUSTER, PASSWORD, PIN, Setup, auth_body, setup, start, wait_status};
+use tests::auth_setup::{
+    CLUSTER, HTML, PASSWORD, PIN, Setup, auth_body, session_private_key, setup, start, wait_status,
+};
 use tests::backend::Backend;
 use tests::browser::Browser;
+use tests::client::curl;
 use tests::oidc::{OidcProvider, form_encode, jwt_claims};
 use tests::proxy::{TestDir, free_port};
 
@@ -380,4 +383,74 @@ fn single_sign_on_outside_the_allowed_group_is_denied() {
     b.goto(&page_url(&sso.s, "sso", PAGE));
     b.wait_for("the sign-in page again", |src| src.contains("id=\"sso\""));
     assert_eq!(b.status(), Some(401));
+}
+
+/// Login CSRF: a valid session token that reaches a browser which did not start the sign-in
+/// (no `nb_sso` cookie matching the way back's nonce) is refused without a session; the same
+/// token with the matching pair signs in.
+#[test]
+fn a_sign_in_finished_in_another_browser_is_refused() {
+    let Some(sso) = sso_setup("browser-sso-csrf") else {
+        return;
+    };
+    let domain = format!("sso.{CLUSTER}");
+    let token = proto::session::sign(
+        &proto::session::SessionClaims::new(
+            &proto::session::SessionGrant {
+                user_id: "mallory".into(),
+                email: "mallory@example.com".into(),
+                domain: domain.clone(),
+                method: "oidc".into(),
+                max_age_secs: 300,
+                ..Default::default()
+            },
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap()
+                .as_secs() as i64,
+        ),
+        &session_private_key(&sso.s, &domain),
+    )
+    .expect("sign");
+    let nonce = "bm9uY2Utb2YtdGhpcy1icm93c2Vy";
+    let path = format!("{PAGE}&session_token={token}&nb_sso={nonce}");
+    let ask = |extra: &[&str]| {
+        let mut args = vec!["-H", HTML];
+        args.extend_from_slice(extra);
+        curl(
+            &sso.s.proxy.ca_path(),
+            &domain,
+            sso.s.proxy.https_port,
+            &path,
+            &args,
+        )
+    };
+    for cookie in [None, Some("nb_sso=c29tZW9uZS1lbHNlcy1ub25jZQ")] {
+        let header = cookie.map(|c| format!("Cookie: {c}"));
+        let extra: Vec<&str> = header.iter().flat_map(|h| ["-H", h.as_str()]).collect();
+        let r = ask(&extra);
+        assert_eq!(r.status, 403, "{}", r.text());
+        assert!(r.text().contains("another browser"), "{}", r.text());
+        assert!(
+            r.header("set-cookie")
+                .is_none_or(|c| !c.contains("nb_session="))
+        );
+    }
+    let r = ask(&["-H", &format!("Cookie: nb_sso={nonce}")]);
+    assert_eq!(r.status, 303, "{}", r.text());
+    assert_eq!(r.header("location"), Some(PAGE));
+    let cookies: Vec<&str> = r
+        .headers
+        .iter()
+        .filter(|(n, _)| n.eq_ignore_ascii_case("set-cookie"))
+        .map(|(_, v)| v.as_str())
+        .collect();
+    assert!(
+        cookies.iter().any(|c| c.starts_with("nb_session=")),
+        "{cookies:?}"
+    );
+    assert!(
+        cookies.iter().any(|c| c.starts_with("nb_sso=;")),
+        "the binding cookie is cleared: {cookies:?}"
+    );
 }

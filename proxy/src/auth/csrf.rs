@@ -25,6 +25,42 @@ pub fn set_cookie_header(nonce: &str, secure: bool) -> String {
     )
 }
 
+/// Single sign-on binds the browser that started it: the proxy sets this cookie with a nonce and
+/// puts the same nonce in the URL the browser comes back to. `Lax`, because the way back is a
+/// top-level navigation from the identity provider's site, which a `Strict` cookie would miss.
+pub const SSO_COOKIE_NAME: &str = "nb_sso";
+/// The query parameter of the way back that repeats the nonce.
+pub const SSO_PARAM: &str = "nb_sso";
+/// How long a browser may take at the identity provider.
+const SSO_MAX_AGE_SECS: u32 = 600;
+
+pub fn sso_set_cookie_header(nonce: &str, secure: bool) -> String {
+    format!(
+        "{SSO_COOKIE_NAME}={nonce}; Path=/; HttpOnly;{} SameSite=Lax; Max-Age={SSO_MAX_AGE_SECS}",
+        if secure { " Secure;" } else { "" }
+    )
+}
+
+pub fn sso_clear_cookie_header(secure: bool) -> String {
+    format!(
+        "{SSO_COOKIE_NAME}=; Path=/; HttpOnly;{} SameSite=Lax; Max-Age=0",
+        if secure { " Secure;" } else { "" }
+    )
+}
+
+/// True when the way back's nonce is the one this browser was given when it left (so a sign-in
+/// finished elsewhere cannot be slipped to it: login CSRF).
+pub fn sso_check(cookie: Option<&str>, param: Option<&str>) -> bool {
+    match (cookie, param) {
+        (Some(c), Some(p)) => {
+            c.len() >= 16
+                && !c.bytes().all(|b| b == b'A')
+                && equal_in_constant_time(c.as_bytes(), p.as_bytes())
+        }
+        _ => false,
+    }
+}
+
 /// True when the form's nonce matches the cookie's and, when the browser names the origin, the
 /// origin is the service itself (`expected_origin`, e.g. `https://app.example.com`).
 pub fn check(
@@ -55,6 +91,18 @@ fn equal_in_constant_time(a: &[u8], b: &[u8]) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn single_sign_on_comes_back_to_the_browser_that_left() {
+        let n = new_nonce();
+        assert!(sso_check(Some(&n), Some(&n)));
+        assert!(!sso_check(None, Some(&n)));
+        assert!(!sso_check(Some(&n), None));
+        assert!(!sso_check(Some(&n), Some(&new_nonce())));
+        assert!(!sso_check(Some("short"), Some("short")));
+        assert!(sso_set_cookie_header(&n, true).contains("SameSite=Lax"));
+        assert!(sso_clear_cookie_header(true).contains("Max-Age=0"));
+    }
 
     #[test]
     fn matching_nonce_from_the_same_origin_passes() {

@@ -385,12 +385,20 @@ async fn header_auth(
 
 async fn start_sso(conn: &Conn, ctx: &Rc<WorkerCtx>, service: &Service, return_to: &str) -> Reply {
     // The Host header as sent keeps a non-default port, which the browser must come back to.
+    // The nonce in the way back binds the sign-in to this browser (see `csrf::sso_check`).
+    let nonce = csrf::new_nonce();
+    let return_to = strip_query_param(
+        &strip_query_param(return_to, "session_token"),
+        csrf::SSO_PARAM,
+    );
+    let sep = if return_to.contains('?') { '&' } else { '?' };
     let redirect_url = format!(
-        "{}://{}{}",
+        "{}://{}{return_to}{sep}{}={nonce}",
         conn.scheme.as_str(),
         String::from_utf8_lossy(conn.head.host_header()).to_ascii_lowercase(),
-        return_to
+        csrf::SSO_PARAM,
     );
+    let secure = conn.scheme == ClientScheme::Https;
     match ctx
         .shared
         .auth_calls
@@ -401,9 +409,10 @@ async fn start_sso(conn: &Conn, ctx: &Rc<WorkerCtx>, service: &Service, return_t
         })
         .await
     {
-        Ok(r) if r.url.starts_with("https://") || r.url.starts_with("http://") => {
-            Reply::Send(Page::redirect(302, &r.url))
-        }
+        Ok(r) if r.url.starts_with("https://") || r.url.starts_with("http://") => Reply::Send(
+            Page::redirect(302, &r.url)
+                .with("Set-Cookie", csrf::sso_set_cookie_header(&nonce, secure)),
+        ),
         Ok(_) => unavailable(service, AuthCallError::Unavailable("no sign-in URL".into())),
         Err(e) => unavailable(service, e),
     }
@@ -418,6 +427,20 @@ async fn finish_sso(
     log: &mut GateLog,
 ) -> Reply {
     log.method = "oidc".into();
+    let secure = conn.scheme == ClientScheme::Https;
+    let cookie = cookies::find(conn.head.fields.iter(), csrf::SSO_COOKIE_NAME);
+    let param = query_param(conn.head.path_and_query(), csrf::SSO_PARAM);
+    if !csrf::sso_check(cookie.as_deref(), param.as_deref()) {
+        // Never validated: a token that arrives in a browser which did not start the sign-in
+        // would sign that browser in as someone else.
+        return Reply::Send(Page::html(
+            403,
+            login_page::denied_page(
+                &service.domain,
+                "This sign-in was started in another browser or has expired. Please sign in again.",
+            ),
+        ));
+    }
     let answer = ctx
         .shared
         .auth_calls
@@ -430,8 +453,16 @@ async fn finish_sso(
         Ok(r) if r.valid => {
             log.user_id = r.user_id;
             log.success = true;
-            let clean = strip_query_param(conn.head.path_and_query(), "session_token");
-            see_other(conn, &safe_return_to(&clean), token, auth)
+            let clean = strip_query_param(
+                &strip_query_param(conn.head.path_and_query(), "session_token"),
+                csrf::SSO_PARAM,
+            );
+            match see_other(conn, &safe_return_to(&clean), token, auth) {
+                Reply::Send(page) => {
+                    Reply::Send(page.with("Set-Cookie", csrf::sso_clear_cookie_header(secure)))
+                }
+                other => other,
+            }
         }
         Ok(r) => {
             log.user_id = r.user_id;
