@@ -266,3 +266,51 @@ fn ports_open_and_close_at_run_time_and_a_held_port_hurts_no_one() {
     assert_eq!(a, b);
     proxy.terminate(Duration::from_secs(10));
 }
+
+#[test]
+fn udp_sessions_end_when_new_rules_refuse_them() {
+    let net = Net::new("udp_rules");
+    let echo = net.in_proxy_ns(Target::udp_echo);
+    let mapping = |blocked: &str| {
+        format!(
+            "[[service]]\nid = \"dns\"\ndomain = \"dns.l4.test\"\nmode = \"udp\"\nlisten_port = 7003\n\
+             blocked_cidrs = [{blocked}]\n[[service.path]]\ntarget = \"{}\"\n\
+             session_idle_timeout = \"60s\"\n",
+            echo.addr
+        )
+    };
+    let mut opts = ProxyOptions::new(mapping(""));
+    if net.is_namespaced() {
+        opts.netns = net.proxy_ns();
+        opts.listen_ip = "0.0.0.0".into();
+    }
+    // User space alone: with XDP the kernel would drop the datagrams before a session sees them.
+    let proxy = Proxy::start(opts.env("PORTCULLIS_EBPF", "off"));
+    proxy.wait_health("UDP port", |h| h["l4"]["ports"][0] == "7003/udp");
+    let dst = at(&net, 7003);
+    let [a, b] = net.client_ips;
+    let (sa, sb) = net.in_client_ns(move || (udp_from(a), udp_from(b)));
+    let echoes = |s: &std::net::UdpSocket, msg: &[u8]| {
+        s.send_to(msg, dst).expect("send");
+        let mut buf = [0u8; 64];
+        s.recv_from(&mut buf).is_ok_and(|(n, _)| &buf[..n] == msg)
+    };
+    assert!(echoes(&sa, b"a before"));
+    assert!(echoes(&sb, b"b before"));
+    assert_eq!(proxy.health()["l4"]["udp_sessions"], 2);
+
+    let generation = proxy.health()["route_table_generation"].as_u64().unwrap();
+    proxy.write_mappings(&mapping(&format!("\"{a}/32\"")));
+    proxy.wait_table_generation_above(generation);
+    assert!(
+        !echoes(&sa, b"a after"),
+        "a refused client's session lived on"
+    );
+    assert!(
+        echoes(&sb, b"b after"),
+        "an allowed client keeps its session"
+    );
+    proxy.wait_health("the refused session ended", |h| {
+        h["l4"]["udp_sessions"] == 1 && h["l4"]["denied"].as_u64().unwrap_or(0) >= 1
+    });
+}

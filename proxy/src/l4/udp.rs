@@ -51,8 +51,9 @@ struct Session {
     upstream: PortSocket,
     last_seen: Cell<Instant>,
     _guard: ConnectionGuard,
-    /// For the access log entry written when the session ends.
-    service: std::sync::Arc<L4Service>,
+    /// The service as of the route table the session was last checked against; for the access
+    /// log entry written when the session ends too.
+    service: RefCell<std::sync::Arc<L4Service>>,
     started: std::time::Instant,
     bytes_up: Cell<u64>,
     bytes_down: Cell<u64>,
@@ -117,25 +118,28 @@ fn session_for(
     sessions: &Sessions,
     buf: &Rc<RefCell<Vec<u8>>>,
 ) -> Option<Rc<Session>> {
-    if let Some(s) = sessions.borrow().get(&client) {
-        return Some(s.clone());
-    }
-    let stats = &ctx.shared.status.l4;
-    let service: std::sync::Arc<L4Service> = ctx.routes().l4.udp.get(&port)?.clone();
-    if !service.access.permits(client.ip()) {
-        stats.denied.fetch_add(1, Ordering::Relaxed);
-        return None;
-    }
-    if let Some((verdict, refuse)) = crate::crowdsec::check(
-        ctx.shared.crowdsec.as_deref(),
-        service.crowdsec,
-        client.ip(),
-    ) {
-        tracing::info!(%client, service = %service.id, %verdict, refused = refuse, "CrowdSec verdict");
-        if refuse {
-            stats.denied.fetch_add(1, Ordering::Relaxed);
+    let existing = sessions.borrow().get(&client).cloned();
+    let service = ctx.routes().l4.udp.get(&port).cloned();
+    if let Some(session) = existing {
+        let Some(service) = service else {
+            end(sessions, client, &session);
+            return None;
+        };
+        if std::sync::Arc::ptr_eq(&service, &session.service.borrow()) {
+            return Some(session);
+        }
+        // The route table changed since this session was checked: rules that now refuse the
+        // client end it, rather than letting it run until it idles out.
+        if !permitted(ctx, &service, client) {
+            end(sessions, client, &session);
             return None;
         }
+        *session.service.borrow_mut() = service;
+        return Some(session);
+    }
+    let service = service?;
+    if !permitted(ctx, &service, client) {
+        return None;
     }
     let guard = ctx.shared.try_open_connection()?;
     let target = match ctx.dialer.resolve_l4(&service.target) {
@@ -160,13 +164,17 @@ fn session_for(
         upstream,
         last_seen: Cell::new(Instant::now()),
         _guard: guard,
-        service,
+        service: RefCell::new(service),
         started: std::time::Instant::now(),
         bytes_up: Cell::new(0),
         bytes_down: Cell::new(0),
     });
     sessions.borrow_mut().insert(client, session.clone());
-    stats.udp_sessions.fetch_add(1, Ordering::Relaxed);
+    ctx.shared
+        .status
+        .l4
+        .udp_sessions
+        .fetch_add(1, Ordering::Relaxed);
     monoio::spawn(replies(
         session.clone(),
         client,
@@ -177,6 +185,34 @@ fn session_for(
         buf.clone(),
     ));
     Some(session)
+}
+
+/// Ends a session now: out of the table, and its reply task woken (shutting the target socket
+/// down makes it readable) so the session is counted and logged at once, not when it idles out.
+fn end(sessions: &Sessions, client: SocketAddr, session: &Session) {
+    sessions.borrow_mut().remove(&client);
+    let _ = socket2::SockRef::from(&session.upstream.io).shutdown(std::net::Shutdown::Both);
+}
+
+/// The service's CIDR, country and CrowdSec rules for `client`; a refusal is counted.
+fn permitted(ctx: &WorkerCtx, service: &L4Service, client: SocketAddr) -> bool {
+    let stats = &ctx.shared.status.l4;
+    if !service.access.permits(client.ip()) {
+        stats.denied.fetch_add(1, Ordering::Relaxed);
+        return false;
+    }
+    if let Some((verdict, refuse)) = crate::crowdsec::check(
+        ctx.shared.crowdsec.as_deref(),
+        service.crowdsec,
+        client.ip(),
+    ) {
+        tracing::info!(%client, service = %service.id, %verdict, refused = refuse, "CrowdSec verdict");
+        if refuse {
+            stats.denied.fetch_add(1, Ordering::Relaxed);
+            return false;
+        }
+    }
+    true
 }
 
 fn connect(target: SocketAddr) -> std::io::Result<PortSocket> {
@@ -220,6 +256,14 @@ async fn replies(
             Some(Err(_)) => break,
             None => continue,
         }
+        // Ended while waiting (its rules changed, or the port closed): nothing more goes back.
+        if !sessions
+            .borrow()
+            .get(&client)
+            .is_some_and(|s| Rc::ptr_eq(s, &session))
+        {
+            break;
+        }
         for _ in 0..BATCH {
             let mut b = buf.borrow_mut();
             match session.upstream.io.recv(&mut b) {
@@ -244,7 +288,7 @@ async fn replies(
     }
     crate::http::access_log::record_l4(
         &ctx,
-        &session.service,
+        &session.service.borrow(),
         client.ip(),
         session.started,
         (session.bytes_up.get(), session.bytes_down.get()),
