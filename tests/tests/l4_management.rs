@@ -163,7 +163,7 @@ fn l4_services_from_management_and_a_held_port_reported() {
     );
     assert_eq!((a, n), (b, 256 * 1024));
 
-    let _held = std::net::TcpListener::bind(("127.0.0.1", held_port)).expect("hold a port");
+    let held = std::net::TcpListener::bind(("127.0.0.1", held_port)).expect("hold a port");
     let bad = api.ok(
         "POST",
         "/api/reverse-proxies/services",
@@ -182,6 +182,33 @@ fn l4_services_from_management_and_a_held_port_reported() {
         64 * 1024,
     );
     assert_eq!(a, b, "the other service is untouched");
+
+    // Once the other program lets the port go, the proxy opens it on its own and says so.
+    drop(held);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let id = bad["id"].as_str().unwrap();
+    loop {
+        let v = api.ok("GET", &format!("/api/reverse-proxies/services/{id}"), None);
+        if v["meta"]["status"] == "active" {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the freed port was never opened: {v}"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let held_dst = format!("127.0.0.1:{held_port}").parse().unwrap();
+    let (a, b, n) = echo_round_trip(
+        tcp_from(
+            "127.0.0.1".parse().unwrap(),
+            held_dst,
+            Duration::from_secs(3),
+        )
+        .expect("connect to the freed port"),
+        4096,
+    );
+    assert_eq!((a, n), (b, 4096));
     access_logs_count_every_byte(&api, good["id"].as_str().unwrap(), &proxy);
     udp_sessions_are_logged_when_they_end(&api);
 

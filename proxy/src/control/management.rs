@@ -260,7 +260,7 @@ async fn session(
         Ok(resp) => {
             let mut stream = resp.into_inner();
             connected(shared, backoff);
-            while let Some(msg) = next_message(&mut stream, &applier, events).await? {
+            while let Some(msg) = next_message(&mut stream, &mut applier, events).await? {
                 applier.apply(msg.mapping, msg.initial_sync_complete);
                 // The batch is in the table: ask for the next one.
                 if ack_tx
@@ -290,7 +290,7 @@ async fn session(
                 .await?
                 .into_inner();
             connected(shared, backoff);
-            while let Some(msg) = next_message(&mut stream, &applier, events).await? {
+            while let Some(msg) = next_message(&mut stream, &mut applier, events).await? {
                 applier.apply(msg.mapping, msg.initial_sync_complete);
             }
             Ok(())
@@ -303,14 +303,17 @@ async fn session(
 /// are reported.
 async fn next_message<T>(
     stream: &mut tonic::Streaming<T>,
-    applier: &Applier,
+    applier: &mut Applier,
     events: &mut StatusEvents,
 ) -> Result<Option<T>, Status> {
     loop {
+        let retry_at = applier.next_port_retry;
+        let retry = applier.ports_failed();
         tokio::select! {
             msg = stream.message() => return msg,
             Some(domain) = events.certificates.recv() => applier.report_domain(&domain),
             Some(account) = events.mesh.recv() => applier.report_account(&account),
+            _ = tokio::time::sleep_until(retry_at), if retry => applier.retry_ports(),
         }
     }
 }
@@ -333,7 +336,14 @@ struct Applier {
     current: HashMap<String, ProxyMapping>,
     status_tx: mpsc::Sender<SendStatusUpdateRequest>,
     tokens: watch::Sender<crate::mesh::Tokens>,
+    /// The services the last table could not serve, with why.
+    skipped: HashMap<String, String>,
+    /// When ports that could not be opened are tried again.
+    next_port_retry: tokio::time::Instant,
 }
+
+/// How often L4 ports held by another program are tried again.
+const PORT_RETRY: Duration = Duration::from_secs(5);
 
 /// Status updates waiting to be sent; more are dropped (the next sync sends every status).
 const STATUS_QUEUE: usize = 4096;
@@ -364,7 +374,33 @@ impl Applier {
             sources,
             snapshot: Some(HashMap::new()),
             current: HashMap::new(),
+            skipped: HashMap::new(),
+            next_port_retry: tokio::time::Instant::now() + PORT_RETRY,
         }
+    }
+
+    fn ports_failed(&self) -> bool {
+        self.sources.ports_failed()
+    }
+
+    /// Publishes the table again so ports that were held can open now; services that became
+    /// served are reported as such.
+    fn retry_ports(&mut self) {
+        self.next_port_retry = tokio::time::Instant::now() + PORT_RETRY;
+        let skipped = self
+            .sources
+            .set_management(self.current.values().cloned().collect(), &self.shared);
+        let recovered: Vec<ProxyMapping> = self
+            .skipped
+            .keys()
+            .filter(|id| !skipped.contains_key(*id))
+            .filter_map(|id| self.current.get(id).cloned())
+            .collect();
+        if !recovered.is_empty() {
+            tracing::info!(services = recovered.len(), "L4 ports opened on a retry");
+        }
+        self.skipped = skipped.clone();
+        self.report(recovered, skipped);
     }
 
     fn apply(&mut self, batch: Vec<ProxyMapping>, initial_sync_complete: bool) {
@@ -395,6 +431,7 @@ impl Applier {
             .sources
             .set_management(self.current.values().cloned().collect(), &self.shared);
         self.hand_over_tokens(&changed);
+        self.skipped = skipped.clone();
         self.report(changed, skipped);
     }
 

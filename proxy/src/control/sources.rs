@@ -27,6 +27,8 @@ struct Inner {
     listeners: Option<L4Listeners>,
     /// The domains ACME should hold certificates for; None when ACME is off.
     acme_domains: Option<watch::Sender<BTreeSet<String>>>,
+    /// Some L4 port of the last table could not be opened (held by another program).
+    ports_failed: bool,
 }
 
 impl Sources {
@@ -41,8 +43,17 @@ impl Sources {
                 reserved,
                 listeners,
                 acme_domains: None,
+                ports_failed: false,
             }),
         }
+    }
+
+    /// True when a port of the current table could not be opened; publishing again retries it.
+    pub fn ports_failed(&self) -> bool {
+        self.inner
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .ports_failed
     }
 
     /// From now on, every published table also tells ACME which domains need a certificate.
@@ -121,7 +132,9 @@ fn publish(inner: &mut Inner, shared: &Shared) -> HashMap<String, String> {
     // The table goes out before new ports open, so a port's first connection finds its service.
     let l4 = std::sync::Arc::new(table);
     shared.publish_routes_arc(l4.clone());
-    skipped.extend(sync_ports(inner, &l4.l4));
+    let port_failures = sync_ports(inner, &l4.l4);
+    inner.ports_failed = !port_failures.is_empty();
+    skipped.extend(port_failures);
     for (id, err) in &skipped {
         tracing::error!(service = %id, error = %err, "service not served");
     }
