@@ -71,6 +71,8 @@ pub async fn run(
         sources.clone(),
         shared.config.mappings_file.clone(),
         certs.clone(),
+        // With management its session retries them, so that it can report the services.
+        management.is_none(),
     ));
     // Bounded: a full queue drops events, and the next sync reports every status anyway.
     let (events_tx, events_rx) = tokio::sync::mpsc::channel(256);
@@ -169,8 +171,10 @@ async fn watch_files(
     sources: Arc<Sources>,
     mappings: Option<PathBuf>,
     certs: Arc<Mutex<CertLoader>>,
+    retry_held_ports: bool,
 ) {
     let mut mappings_stamp = mappings.as_deref().and_then(file_stamp);
+    let mut last_port_retry = tokio::time::Instant::now();
     let mut tick = tokio::time::interval(shared.config.reload_interval);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -191,6 +195,13 @@ async fn watch_files(
                     tracing::warn!(file = %path.display(), "mappings file is gone; still serving the previous services");
                 }
             }
+        }
+        if retry_held_ports
+            && last_port_retry.elapsed() >= management::PORT_RETRY
+            && sources.ports_failed()
+        {
+            last_port_retry = tokio::time::Instant::now();
+            sources.republish(&shared);
         }
     }
 }

@@ -247,6 +247,19 @@ fn ports_open_and_close_at_run_time_and_a_held_port_hurts_no_one() {
         "the held port is reported for its service; log:\n{log}"
     );
     drop(held);
+    // Freed by the other program, the port opens on the proxy's next retry (every 5 s).
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        if let Ok((a, b, _)) = round(7005) {
+            assert_eq!(a, b);
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the freed port 7005 was never opened"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
 
     let generation = proxy.health()["route_table_generation"].as_u64().unwrap();
     proxy.write_mappings(&first);

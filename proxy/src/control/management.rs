@@ -343,7 +343,7 @@ struct Applier {
 }
 
 /// How often L4 ports held by another program are tried again.
-const PORT_RETRY: Duration = Duration::from_secs(5);
+pub const PORT_RETRY: Duration = Duration::from_secs(5);
 
 /// Status updates waiting to be sent; more are dropped (the next sync sends every status).
 const STATUS_QUEUE: usize = 4096;

@@ -48,6 +48,12 @@ impl Sources {
         }
     }
 
+    /// Publishes the same services again, which retries ports that could not be opened.
+    pub fn republish(&self, shared: &Shared) -> HashMap<String, String> {
+        let mut inner = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+        publish(&mut inner, shared)
+    }
+
     /// True when a port of the current table could not be opened; publishing again retries it.
     pub fn ports_failed(&self) -> bool {
         self.inner
