@@ -253,6 +253,22 @@ impl Proxy {
         self.try_health().expect("health endpoint answers")
     }
 
+    /// True when the kernel fast path loaded; otherwise prints why the caller skips, and in CI
+    /// (`CI` set) fails instead, since there it must load.
+    pub fn fast_path_on(&self) -> bool {
+        let state = self.health()["ebpf"].as_str().unwrap_or("").to_string();
+        if state.starts_with("on") {
+            return true;
+        }
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "in CI the fast path must load; /healthz says {state:?}; log:\n{}",
+            self.log_text()
+        );
+        eprintln!("skipping: the kernel fast path is off here ({state})");
+        false
+    }
+
     /// Waits (bounded, 15 s) until `/healthz` satisfies `pred`.
     pub fn wait_health(&self, what: &str, pred: impl Fn(&serde_json::Value) -> bool) {
         let deadline = Instant::now() + Duration::from_secs(15);

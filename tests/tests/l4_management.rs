@@ -22,26 +22,40 @@ fn l4_body(name: &str, mode: &str, port: u16, target_port: u16) -> Value {
     })
 }
 
-/// Both connections to `service` reach `/api/events/proxy` with the bytes they carried each way,
-/// also when the kernel spliced them (its bytes never cross user space).
-fn access_logs_count_every_byte(api: &tests::management::Api, service: &str, proxy: &Proxy) {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    let entries = loop {
+/// Polls (at most `within`) until `/api/events/proxy` has at least `count` entries of `service`.
+fn logged(
+    api: &tests::management::Api,
+    service: &str,
+    count: usize,
+    within: Duration,
+    what: &str,
+) -> Vec<Value> {
+    let deadline = Instant::now() + within;
+    loop {
         let page = api.ok(
             "GET",
             &format!("/api/events/proxy?service_id={service}"),
             None,
         );
         let entries = page["data"].as_array().cloned().unwrap_or_default();
-        if entries.len() >= 2 {
-            break entries;
+        if entries.len() >= count {
+            return entries;
         }
-        assert!(
-            Instant::now() < deadline,
-            "the L4 connections were not logged: {page}"
-        );
+        assert!(Instant::now() < deadline, "{what} were not logged: {page}");
         std::thread::sleep(Duration::from_millis(100));
-    };
+    }
+}
+
+/// Both connections to `service` reach `/api/events/proxy` with the bytes they carried each way,
+/// also when the kernel spliced them (its bytes never cross user space).
+fn access_logs_count_every_byte(api: &tests::management::Api, service: &str, proxy: &Proxy) {
+    let entries = logged(
+        api,
+        service,
+        2,
+        Duration::from_secs(10),
+        "the L4 connections",
+    );
     let mut carried: Vec<(i64, i64)> = entries
         .iter()
         .map(|e| {
@@ -91,18 +105,14 @@ fn udp_sessions_are_logged_when_they_end(api: &tests::management::Api) {
         let (n, _) = client.recv_from(&mut buf).expect("the echo");
         assert_eq!(&buf[..n], &[i; 100]);
     }
-    let deadline = Instant::now() + Duration::from_secs(15);
-    let entry = loop {
-        let page = api.ok("GET", &format!("/api/events/proxy?service_id={id}"), None);
-        if let Some(e) = page["data"].as_array().and_then(|d| d.first()) {
-            break e.clone();
-        }
-        assert!(
-            Instant::now() < deadline,
-            "the UDP session was not logged after it idled out: {page}"
-        );
-        std::thread::sleep(Duration::from_millis(200));
-    };
+    let entry = logged(
+        api,
+        &id,
+        1,
+        Duration::from_secs(15),
+        "the UDP session after it idled out",
+    )
+    .remove(0);
     assert_eq!(entry["protocol"], "udp", "{entry}");
     assert_eq!(entry["bytes_upload"], 300, "{entry}");
     assert_eq!(entry["bytes_download"], 300, "{entry}");

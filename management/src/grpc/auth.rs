@@ -201,11 +201,7 @@ fn clip(s: String) -> String {
     if s.len() <= MAX_FIELD {
         return s;
     }
-    let mut end = MAX_FIELD;
-    while !s.is_char_boundary(end) {
-        end -= 1;
-    }
-    s[..end].to_string()
+    s[..s.floor_char_boundary(MAX_FIELD)].to_string()
 }
 
 pub async fn send_access_log(

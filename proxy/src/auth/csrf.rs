@@ -32,33 +32,21 @@ pub const SSO_COOKIE_NAME: &str = "nb_sso";
 /// The query parameter of the way back that repeats the nonce.
 pub const SSO_PARAM: &str = "nb_sso";
 /// How long a browser may take at the identity provider.
-const SSO_MAX_AGE_SECS: u32 = 600;
+const SSO_MAX_AGE_SECS: i64 = 600;
 
+/// Same attributes as the session cookie (Lax, HttpOnly, whole host), shorter lived.
 pub fn sso_set_cookie_header(nonce: &str, secure: bool) -> String {
-    format!(
-        "{SSO_COOKIE_NAME}={nonce}; Path=/; HttpOnly;{} SameSite=Lax; Max-Age={SSO_MAX_AGE_SECS}",
-        if secure { " Secure;" } else { "" }
-    )
+    super::cookies::session_set_cookie(SSO_COOKIE_NAME, nonce, SSO_MAX_AGE_SECS, secure)
 }
 
 pub fn sso_clear_cookie_header(secure: bool) -> String {
-    format!(
-        "{SSO_COOKIE_NAME}=; Path=/; HttpOnly;{} SameSite=Lax; Max-Age=0",
-        if secure { " Secure;" } else { "" }
-    )
+    super::cookies::session_set_cookie(SSO_COOKIE_NAME, "", 0, secure)
 }
 
 /// True when the way back's nonce is the one this browser was given when it left (so a sign-in
 /// finished elsewhere cannot be slipped to it: login CSRF).
 pub fn sso_check(cookie: Option<&str>, param: Option<&str>) -> bool {
-    match (cookie, param) {
-        (Some(c), Some(p)) => {
-            c.len() >= 16
-                && !c.bytes().all(|b| b == b'A')
-                && equal_in_constant_time(c.as_bytes(), p.as_bytes())
-        }
-        _ => false,
-    }
+    nonces_match(cookie, param)
 }
 
 /// True when the form's nonce matches the cookie's and, when the browser names the origin, the
@@ -69,18 +57,24 @@ pub fn check(
     origin: Option<&[u8]>,
     expected_origin: &str,
 ) -> bool {
-    let (Some(cookie), Some(field)) = (cookie, field) else {
-        return false;
-    };
-    if cookie.len() < 16 || cookie.bytes().all(|b| b == b'A') {
-        return false;
-    }
     if let Some(origin) = origin
         && !origin.eq_ignore_ascii_case(expected_origin.as_bytes())
     {
         return false;
     }
-    equal_in_constant_time(cookie.as_bytes(), field.as_bytes())
+    nonces_match(cookie, field)
+}
+
+/// True when both copies are there, the cookie's is a real nonce (not short, not the all-zero
+/// one a failed random source leaves) and they are equal.
+fn nonces_match(cookie: Option<&str>, copy: Option<&str>) -> bool {
+    let (Some(cookie), Some(copy)) = (cookie, copy) else {
+        return false;
+    };
+    if cookie.len() < 16 || cookie.bytes().all(|b| b == b'A') {
+        return false;
+    }
+    equal_in_constant_time(cookie.as_bytes(), copy.as_bytes())
 }
 
 /// Compares without an early exit, so timing tells nothing about where the values differ.

@@ -304,7 +304,7 @@ async fn login<S: AsyncReadRent + AsyncWriteRent>(
     lockout.success(&service.id, client_ip);
     log.user_id = claims.sub.clone();
     log.success = true;
-    see_other(conn, &return_to, &token, auth)
+    Reply::Send(see_other(conn, &return_to, &token, auth))
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -387,10 +387,7 @@ async fn start_sso(conn: &Conn, ctx: &Rc<WorkerCtx>, service: &Service, return_t
     // The Host header as sent keeps a non-default port, which the browser must come back to.
     // The nonce in the way back binds the sign-in to this browser (see `csrf::sso_check`).
     let nonce = csrf::new_nonce();
-    let return_to = strip_query_param(
-        &strip_query_param(return_to, "session_token"),
-        csrf::SSO_PARAM,
-    );
+    let return_to = strip_query_params(return_to, &["session_token", csrf::SSO_PARAM]);
     let sep = if return_to.contains('?') { '&' } else { '?' };
     let redirect_url = format!(
         "{}://{}{return_to}{sep}{}={nonce}",
@@ -453,16 +450,14 @@ async fn finish_sso(
         Ok(r) if r.valid => {
             log.user_id = r.user_id;
             log.success = true;
-            let clean = strip_query_param(
-                &strip_query_param(conn.head.path_and_query(), "session_token"),
-                csrf::SSO_PARAM,
+            let clean = strip_query_params(
+                conn.head.path_and_query(),
+                &["session_token", csrf::SSO_PARAM],
             );
-            match see_other(conn, &safe_return_to(&clean), token, auth) {
-                Reply::Send(page) => {
-                    Reply::Send(page.with("Set-Cookie", csrf::sso_clear_cookie_header(secure)))
-                }
-                other => other,
-            }
+            Reply::Send(
+                see_other(conn, &safe_return_to(&clean), token, auth)
+                    .with("Set-Cookie", csrf::sso_clear_cookie_header(secure)),
+            )
         }
         Ok(r) => {
             log.user_id = r.user_id;
@@ -487,14 +482,14 @@ fn describe_denial(reason: &str) -> &'static str {
 }
 
 /// 303 to `return_to` with the session cookie set.
-fn see_other(conn: &Conn, return_to: &str, token: &str, auth: &ServiceAuth) -> Reply {
+fn see_other(conn: &Conn, return_to: &str, token: &str, auth: &ServiceAuth) -> Page {
     let cookie = cookies::session_set_cookie(
         COOKIE_NAME,
         token,
         auth.max_session_age_secs,
         conn.scheme == ClientScheme::Https,
     );
-    Reply::Send(Page::redirect(303, return_to).with("Set-Cookie", cookie))
+    Page::redirect(303, return_to).with("Set-Cookie", cookie)
 }
 
 fn locked(conn: &Conn, wait: Duration) -> Reply {
@@ -621,14 +616,14 @@ fn query_param(path_and_query: &str, name: &str) -> Option<String> {
     pairs.get(name).map(str::to_string)
 }
 
-/// `path_and_query` without the `name=…` pairs of its query.
-fn strip_query_param(path_and_query: &str, name: &str) -> String {
+/// `path_and_query` without the pairs of its query named in `names`.
+fn strip_query_params(path_and_query: &str, names: &[&str]) -> String {
     let Some((path, query)) = path_and_query.split_once('?') else {
         return path_and_query.to_string();
     };
     let kept: Vec<&str> = query
         .split('&')
-        .filter(|p| !p.is_empty() && p.split('=').next() != Some(name))
+        .filter(|p| !p.is_empty() && !p.split('=').next().is_some_and(|n| names.contains(&n)))
         .collect();
     if kept.is_empty() {
         path.to_string()
@@ -665,12 +660,19 @@ mod tests {
     #[test]
     fn session_token_is_removed_from_the_query() {
         assert_eq!(
-            strip_query_param("/x?session_token=abc", "session_token"),
+            strip_query_params("/x?session_token=abc", &["session_token"]),
             "/x"
         );
         assert_eq!(
-            strip_query_param("/x?a=1&session_token=abc&b=2", "session_token"),
+            strip_query_params("/x?a=1&session_token=abc&b=2", &["session_token"]),
             "/x?a=1&b=2"
+        );
+        assert_eq!(
+            strip_query_params(
+                "/x?nb_sso=n&a=1&session_token=t",
+                &["session_token", "nb_sso"]
+            ),
+            "/x?a=1"
         );
         assert_eq!(
             query_param("/x?a=1&session_token=t%2B1", "session_token").as_deref(),

@@ -185,8 +185,8 @@ async fn serve(
     let carried = match mark {
         // SAFETY: `cr` and `cw` are still alive and keep the client's descriptor open.
         Some(_) => super::tcp_bytes::carried(unsafe { BorrowedFd::borrow_raw(client_fd) })
-            .map_or((up, down), |(received, acked)| {
-                (received.max(up), acked.max(down))
+            .map_or((up, down), |(received, sent)| {
+                (received.max(up), sent.max(down))
             }),
         None => (up, down),
     };

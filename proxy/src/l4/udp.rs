@@ -194,6 +194,14 @@ fn end(sessions: &Sessions, client: SocketAddr, session: &Session) {
     let _ = socket2::SockRef::from(&session.upstream.io).shutdown(std::net::Shutdown::Both);
 }
 
+/// True while `session` is the one the table holds for `client` (not ended, not replaced).
+fn is_current(sessions: &Sessions, client: SocketAddr, session: &Rc<Session>) -> bool {
+    sessions
+        .borrow()
+        .get(&client)
+        .is_some_and(|s| Rc::ptr_eq(s, session))
+}
+
 /// The service's CIDR, country and CrowdSec rules for `client`; a refusal is counted.
 fn permitted(ctx: &WorkerCtx, service: &L4Service, client: SocketAddr) -> bool {
     let stats = &ctx.shared.status.l4;
@@ -243,9 +251,6 @@ async fn replies(
         if Instant::now() >= expires || *drain.borrow() {
             break;
         }
-        if !sessions.borrow().contains_key(&client) {
-            break; // the port closed
-        }
         let woke = monoio::select! {
             r = session.upstream.ready.readable(false) => Some(r),
             _ = monoio::time::sleep_until(expires) => None,
@@ -257,11 +262,7 @@ async fn replies(
             None => continue,
         }
         // Ended while waiting (its rules changed, or the port closed): nothing more goes back.
-        if !sessions
-            .borrow()
-            .get(&client)
-            .is_some_and(|s| Rc::ptr_eq(s, &session))
-        {
+        if !is_current(&sessions, client, &session) {
             break;
         }
         for _ in 0..BATCH {
@@ -280,11 +281,8 @@ async fn replies(
             }
         }
     }
-    {
-        let mut map = sessions.borrow_mut();
-        if map.get(&client).is_some_and(|s| Rc::ptr_eq(s, &session)) {
-            map.remove(&client);
-        }
+    if is_current(&sessions, client, &session) {
+        sessions.borrow_mut().remove(&client);
     }
     crate::http::access_log::record_l4(
         &ctx,
