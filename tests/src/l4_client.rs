@@ -33,8 +33,14 @@ pub fn udp_from(source: Ipv4Addr) -> UdpSocket {
 
 /// Sends `total` bytes of a pattern while reading the echo; returns (hash sent, hash received,
 /// bytes received).
+///
+/// The client's end of stream (FIN) is sent only once the first echoed byte came back (or the
+/// reader gave up), so the proxy always meets an established connection: a kernel splice is
+/// refused for a socket whose peer already closed its side, and a test asserting the splice
+/// would otherwise depend on who wins that race.
 pub fn echo_round_trip(stream: TcpStream, total: usize) -> (u64, u64, usize) {
     let mut writer = stream.try_clone().expect("clone");
+    let (echo_began, wait_for_echo) = std::sync::mpsc::channel::<()>();
     let sender = std::thread::spawn(move || {
         let mut hash = FNV_OFFSET;
         let mut chunk = vec![0u8; 64 * 1024];
@@ -54,6 +60,8 @@ pub fn echo_round_trip(stream: TcpStream, total: usize) -> (u64, u64, usize) {
             hash = fnv1a64(&chunk[..n], hash);
             sent += n;
         }
+        // Bounded: the reader signals or drops its end within its read timeout.
+        let _ = wait_for_echo.recv_timeout(Duration::from_secs(30));
         let _ = writer.shutdown(std::net::Shutdown::Write);
         hash
     });
@@ -61,15 +69,20 @@ pub fn echo_round_trip(stream: TcpStream, total: usize) -> (u64, u64, usize) {
     let mut hash = FNV_OFFSET;
     let mut got = 0usize;
     let mut buf = vec![0u8; 64 * 1024];
+    let mut echo_began = Some(echo_began);
     while got < total {
         match reader.read(&mut buf) {
             Ok(0) | Err(_) => break,
             Ok(n) => {
+                if let Some(began) = echo_began.take() {
+                    let _ = began.send(());
+                }
                 hash = fnv1a64(&buf[..n], hash);
                 got += n;
             }
         }
     }
+    drop(echo_began);
     let sent_hash = sender.join().expect("sender");
     (sent_hash, hash, got)
 }
