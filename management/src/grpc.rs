@@ -7,6 +7,7 @@ mod auth;
 mod mappings;
 mod mesh;
 mod proxy_peers;
+mod tunnel_peer;
 
 use std::time::Duration;
 
@@ -56,12 +57,6 @@ impl ProxyServiceImpl {
             }
         }
     }
-}
-
-fn not_yet(what: &str) -> Status {
-    Status::unimplemented(format!(
-        "{what} is not supported by this management server yet"
-    ))
 }
 
 #[tonic::async_trait]
@@ -187,9 +182,12 @@ impl ProxyService for ProxyServiceImpl {
 
     async fn validate_tunnel_peer(
         &self,
-        _request: Request<ValidateTunnelPeerRequest>,
+        request: Request<ValidateTunnelPeerRequest>,
     ) -> Result<Response<ValidateTunnelPeerResponse>, Status> {
-        Err(not_yet("ValidateTunnelPeer"))
+        let token = ProxyServiceImpl::authenticate(self, &request).await?;
+        tunnel_peer::validate_tunnel_peer(self, &token, request.into_inner())
+            .await
+            .map(Response::new)
     }
 
     async fn check_llm_policy_limits(

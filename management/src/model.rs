@@ -44,6 +44,12 @@ pub struct ServiceRequest {
     pub auth: Option<auth::AuthRequest>,
     #[serde(default)]
     pub access_restrictions: Option<auth::Restrictions>,
+    /// NetBird-only: served only to mesh peers in `access_groups` (checked by
+    /// `ValidateTunnelPeer`); everyone else gets 403.
+    #[serde(default)]
+    pub private: bool,
+    #[serde(default)]
+    pub access_groups: Vec<String>,
 }
 
 fn yes() -> bool {
@@ -63,6 +69,11 @@ pub struct ServiceSpec {
     pub auth: Option<auth::AuthSummary>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub access_restrictions: Option<auth::Restrictions>,
+    #[serde(default)]
+    pub private: bool,
+    /// The groups whose peers may use a private service (ids).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub access_groups: Vec<String>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -194,6 +205,7 @@ impl ServiceRequest {
             "tcp" | "udp" | "tls" => true,
             _ => return invalid(format!("mode {mode:?} must be http, tcp, udp or tls")),
         };
+        let access_groups = validate_private(self.private, &self.access_groups, l4, &auth)?;
         let listen_port = self.listen_port.unwrap_or(0);
         if !l4 && listen_port != 0 {
             return invalid("listen_port must be 0 for http services");
@@ -231,11 +243,45 @@ impl ServiceRequest {
                 rewrite_redirects: self.rewrite_redirects,
                 auth: auth.as_ref().map(auth::AuthSummary::of),
                 access_restrictions,
+                private: self.private,
+                access_groups,
             },
             enabled: self.enabled,
             auth,
         })
     }
+}
+
+/// A private service lets mesh peers in by group and nobody else: it needs groups, is HTTP
+/// (like NetBird's), and takes no sign-in method, which would never be offered.
+fn validate_private(
+    private: bool,
+    groups: &[String],
+    l4: bool,
+    auth: &Option<auth::AuthInput>,
+) -> Result<Vec<String>, Invalid> {
+    let mut groups: Vec<String> = groups.iter().map(|g| g.trim().to_string()).collect();
+    groups.sort_unstable();
+    groups.dedup();
+    if !private {
+        if !groups.is_empty() {
+            return invalid("access_groups apply only to private services (set private: true)");
+        }
+        return Ok(groups);
+    }
+    if l4 {
+        return invalid("private services are http services (mode http)");
+    }
+    if groups.is_empty() || groups.iter().any(String::is_empty) {
+        return invalid("a private service needs access_groups: the groups whose peers may use it");
+    }
+    if auth.is_some() {
+        return invalid(
+            "a private service takes no password, PIN, header or single sign-on: mesh peers \
+             are let in by access_groups",
+        );
+    }
+    Ok(groups)
 }
 
 fn validate_target(i: usize, t: &TargetSpec, mode: &str) -> Result<(), Invalid> {
@@ -519,6 +565,7 @@ pub fn to_mapping_with(
             .access_restrictions
             .as_ref()
             .map(auth::Restrictions::to_proto),
+        private: spec.private,
         ..Default::default()
     })
 }
@@ -629,6 +676,44 @@ mod tests {
     }
 
     #[test]
+    fn private_services_need_groups_and_no_sign_in() {
+        let base = serde_json::json!({"name": "s", "domain": "s.a.example", "private": true,
+            "access_groups": ["g2", "g1", "g1"],
+            "targets": [{"target_type": "host", "protocol": "http", "host": "10.0.0.1", "port": 80}]});
+        let ok = request(base.clone()).unwrap();
+        assert_eq!(ok.spec.access_groups, ["g1", "g2"]);
+        let rec = ServiceRecord {
+            id: "id".into(),
+            account_id: "acc".into(),
+            name: "s".into(),
+            domain: "s.a.example".into(),
+            cluster_address: "a.example".into(),
+            spec: serde_json::to_string(&ok.spec).unwrap(),
+            enabled: true,
+            status: crate::store::ServiceStatus::Pending,
+            status_message: None,
+            certificate_issued: false,
+            created_at: 0,
+            updated_at: 0,
+        };
+        assert!(to_mapping(&rec).unwrap().private);
+        let mut none = base.clone();
+        none["access_groups"] = serde_json::json!([]);
+        assert!(request(none).unwrap_err().0.contains("needs access_groups"));
+        let mut pw = base.clone();
+        pw["auth"] =
+            serde_json::json!({"password_auth": {"enabled": true, "password": "long enough"}});
+        assert!(request(pw).unwrap_err().0.contains("no password"));
+        let mut tcp = base.clone();
+        tcp["mode"] = "tcp".into();
+        tcp["listen_port"] = 9000.into();
+        assert!(request(tcp).unwrap_err().0.contains("http services"));
+        let mut public = base;
+        public["private"] = false.into();
+        assert!(request(public).unwrap_err().0.contains("only to private"));
+    }
+
+    #[test]
     fn mapping_targets_drop_default_ports() {
         let spec = ServiceSpec {
             mode: "http".into(),
@@ -651,6 +736,8 @@ mod tests {
             rewrite_redirects: false,
             auth: None,
             access_restrictions: None,
+            private: false,
+            access_groups: Vec::new(),
         };
         let rec = ServiceRecord {
             id: "id".into(),

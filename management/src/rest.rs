@@ -2,6 +2,7 @@
 //! errors as `{"message", "code"}`.
 
 mod access_logs;
+mod mesh_access;
 mod peers;
 mod resources;
 mod services;
@@ -15,7 +16,7 @@ use axum::extract::{FromRequestParts, Path, State};
 use axum::http::StatusCode;
 use axum::http::request::Parts;
 use axum::response::{IntoResponse, Response};
-use axum::routing::{delete, get, post};
+use axum::routing::{delete, get, post, put};
 use axum::{Json, Router};
 use serde::Deserialize;
 use serde_json::json;
@@ -61,7 +62,12 @@ pub fn router(state: AppState) -> Router {
         )
         .route("/api/setup-keys/{id}", delete(setup_keys::revoke))
         .route("/api/peers", get(peers::list).post(peers::create))
-        .route("/api/peers/{id}", get(peers::get_one).delete(peers::remove))
+        .route(
+            "/api/peers/{id}",
+            get(peers::get_one)
+                .put(mesh_access::update_peer)
+                .delete(peers::remove),
+        )
         .route("/api/peers/{id}/wg-quick", get(peers::wg_quick))
         .route(
             "/api/networks/resources",
@@ -80,6 +86,7 @@ pub fn router(state: AppState) -> Router {
         .route("/api/groups", get(sso::list_groups).post(sso::create_group))
         .route("/api/groups/{id}", delete(sso::delete_group))
         .route(crate::oidc::sign_in::CALLBACK_PATH, get(sso::callback))
+        .route("/api/users/{id}", put(mesh_access::update_user))
         .route("/api/users/{id}/tokens", post(create_pat))
         .with_state(state)
 }

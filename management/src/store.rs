@@ -5,6 +5,7 @@
 mod access_logs;
 mod accounts;
 mod clusters;
+mod mesh_access;
 mod mesh_peers;
 mod proxy_tokens;
 mod resources;
@@ -21,6 +22,7 @@ use sqlx::{AnyPool, Executor};
 pub use access_logs::{AccessLogFilter, AccessLogPage, AccessLogRow, AccessLogSort};
 pub use accounts::{Account, Role, User};
 pub use clusters::{ClusterInfo, ClusterKind, RegisterError};
+pub use mesh_access::{PeerAccess, TunnelPeer};
 pub use mesh_peers::{
     Cidr, DEFAULT_TUNNEL_RANGE, MeshPeer, NewPeer, PeerKind, generate_wg_keypair, host_route,
     is_wg_key,

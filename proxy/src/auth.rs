@@ -8,3 +8,4 @@ pub mod form;
 pub mod lockout;
 pub mod login_page;
 pub mod session_cache;
+pub mod tunnel_peer;

@@ -401,6 +401,13 @@ pub struct MeshArgs {
         default_value = ""
     )]
     pub endpoint_host: String,
+    /// Serve NetBird-only (private) services to mesh peers: HTTPS is also accepted on each
+    /// account's tunnel address (the port of NB_PROXY_ADDRESS), and every request there is
+    /// checked with management's ValidateTunnelPeer by its tunnel source address. Needs the
+    /// kernel or TUN mesh backend (the in-process one cannot accept); reported to management as
+    /// the `private` and `supports_private_service` capabilities.
+    #[arg(long = "private", env = "NB_PROXY_PRIVATE", action = ArgAction::Set, num_args = 0..=1, default_value_t = false, default_missing_value = "true")]
+    pub private: bool,
 }
 
 /// NetBird settings accepted so that existing env files work, but not acted on yet.
@@ -416,8 +423,6 @@ pub struct NotYetSupported {
     pub preshared_key: Option<String>,
     #[arg(long = "require-subdomain", env = "NB_PROXY_REQUIRE_SUBDOMAIN")]
     pub require_subdomain: Option<String>,
-    #[arg(long = "private", env = "NB_PROXY_PRIVATE")]
-    pub private: Option<String>,
     #[arg(long = "debug-endpoint", env = "NB_PROXY_DEBUG_ENDPOINT")]
     pub debug_endpoint: Option<String>,
     #[arg(long = "debug-endpoint-addr", env = "NB_PROXY_DEBUG_ENDPOINT_ADDRESS")]
@@ -427,10 +432,9 @@ pub struct NotYetSupported {
 impl NotYetSupported {
     /// Names of the settings that were given a value.
     pub fn set_names(&self) -> Vec<&'static str> {
-        let all: [(&'static str, &Option<String>); 5] = [
+        let all: [(&'static str, &Option<String>); 4] = [
             ("NB_PROXY_PRESHARED_KEY", &self.preshared_key),
             ("NB_PROXY_REQUIRE_SUBDOMAIN", &self.require_subdomain),
-            ("NB_PROXY_PRIVATE", &self.private),
             ("NB_PROXY_DEBUG_ENDPOINT", &self.debug_endpoint),
             (
                 "NB_PROXY_DEBUG_ENDPOINT_ADDRESS",

@@ -59,6 +59,7 @@ pub async fn run(
     health: tokio::net::TcpListener,
     sources: Arc<Sources>,
     management: Option<management::ManagementLink>,
+    mesh: Option<crate::mesh::MeshStart>,
     acme: Option<(
         crate::acme::manager::Prepared,
         tokio::sync::watch::Receiver<std::collections::BTreeSet<String>>,
@@ -123,12 +124,15 @@ pub async fn run(
             tokens: tokens_rx,
             status_events: mesh_tx,
         };
-        tokio::spawn(crate::mesh::control::run(
-            shared.clone(),
-            link.clone(),
-            shared.config.mesh.clone(),
-            mesh_inputs,
-        ));
+        if let Some(start) = mesh {
+            tokio::spawn(crate::mesh::control::run(
+                shared.clone(),
+                link.clone(),
+                shared.config.mesh.clone(),
+                mesh_inputs,
+                start,
+            ));
+        }
         tokio::spawn(management::run(shared.clone(), link, sources, events));
     }
 

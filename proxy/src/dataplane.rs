@@ -20,7 +20,7 @@ use monoio::time::Instant;
 use monoio::{IoUringDriver, LegacyDriver, RuntimeBuilder};
 
 use crate::config::{HttpMode, IoDriverChoice};
-use crate::http::connection::ClientScheme;
+use crate::http::connection::{Arrival, ClientScheme};
 use crate::routes::RouteTable;
 use crate::state::Shared;
 use crate::tls::{TlsServerStream, UpstreamTls};
@@ -55,6 +55,8 @@ pub struct WorkerCtx {
     routes: RefCell<Rc<Arc<RouteTable>>>,
     /// Session tokens this worker already verified.
     pub sessions: RefCell<crate::auth::session_cache::SessionCache>,
+    /// Mesh peers this worker recently let into private services.
+    pub tunnel_peers: RefCell<crate::auth::tunnel_peer::TunnelPeerCache>,
 }
 
 impl WorkerCtx {
@@ -186,6 +188,7 @@ async fn worker_main(
         dialer: Dialer::new(tls, shared.mesh.clone()),
         routes,
         sessions: RefCell::default(),
+        tunnel_peers: RefCell::default(),
     });
     let server_tls = shared.tls.clone();
     monoio::spawn(crate::l4::serve_ports(ports, ctx.clone()));
@@ -203,7 +206,7 @@ async fn worker_main(
             let Some((tcp, peer)) = behind_balancer(tcp, peer, &ctx).await else {
                 return;
             };
-            serve_https(config, tcp, peer, ctx, at).await
+            serve_https(config, tcp, peer, ctx, at, Arrival::Public).await
         }
     });
     match http {
@@ -221,7 +224,15 @@ async fn worker_main(
                     let Some((tcp, peer)) = behind_balancer(tcp, peer, &ctx).await else {
                         return;
                     };
-                    crate::http::connection::serve(tcp, peer, ctx, at, ClientScheme::Http).await
+                    crate::http::connection::serve(
+                        tcp,
+                        peer,
+                        ctx,
+                        at,
+                        ClientScheme::Http,
+                        Arrival::Public,
+                    )
+                    .await
                 });
                 monoio::join!(https_loop, http_loop);
             }
@@ -239,6 +250,55 @@ where
     F: Fn(TcpStream, SocketAddr, Rc<WorkerCtx>, Instant) -> Fut,
     Fut: std::future::Future<Output = ()> + 'static,
 {
+    accept_until(listener, ctx, None, handler).await
+}
+
+/// Resolves once `closed` says so (or its sender is gone); never without one.
+async fn until_closed(closed: &mut Option<tokio::sync::watch::Receiver<bool>>) {
+    let Some(c) = closed else {
+        return std::future::pending().await;
+    };
+    while !*c.borrow_and_update() {
+        if c.changed().await.is_err() {
+            return;
+        }
+    }
+}
+
+/// Accepts one account's mesh connections (NB_PROXY_PRIVATE) until `closed`: HTTPS, marked as
+/// having arrived over that account's mesh.
+pub async fn serve_mesh_inbound(
+    listener: std::net::TcpListener,
+    account_id: Arc<str>,
+    ctx: Rc<WorkerCtx>,
+    closed: tokio::sync::watch::Receiver<bool>,
+) {
+    let listener = match TcpListener::from_std(listener) {
+        Ok(l) => l,
+        Err(e) => {
+            tracing::error!(account = %account_id, error = %e, "cannot serve the mesh listener");
+            return;
+        }
+    };
+    let server_tls = ctx.shared.tls.clone();
+    accept_until(listener, ctx, Some(closed), move |tcp, peer, ctx, at| {
+        let arrival = Arrival::Mesh {
+            account_id: account_id.clone(),
+        };
+        serve_https(server_tls.clone(), tcp, peer, ctx, at, arrival)
+    })
+    .await;
+}
+
+async fn accept_until<F, Fut>(
+    listener: TcpListener,
+    ctx: Rc<WorkerCtx>,
+    mut closed: Option<tokio::sync::watch::Receiver<bool>>,
+    handler: F,
+) where
+    F: Fn(TcpStream, SocketAddr, Rc<WorkerCtx>, Instant) -> Fut,
+    Fut: std::future::Future<Output = ()> + 'static,
+{
     let mut drain = ctx.shared.drain_signal();
     let mut fd_warned_at: Option<Instant> = None;
     loop {
@@ -248,6 +308,7 @@ where
         let accepted = monoio::select! {
             r = listener.accept() => r,
             _ = drain.changed() => return,
+            _ = until_closed(&mut closed) => return,
         };
         match accepted {
             Ok((tcp, peer)) => {
@@ -304,6 +365,7 @@ async fn serve_https(
     peer: SocketAddr,
     ctx: Rc<WorkerCtx>,
     accepted_at: Instant,
+    arrival: Arrival,
 ) {
     let deadline = accepted_at + ctx.shared.config.limits.header_timeout;
     // Boxed so the handshake's state is freed once it is done (see connection::serve).
@@ -326,5 +388,5 @@ async fn serve_https(
         tracing::debug!(%peer, "answered an ACME tls-alpn-01 validation");
         return;
     }
-    crate::http::connection::serve(tls, peer, ctx, accepted_at, ClientScheme::Https).await;
+    crate::http::connection::serve(tls, peer, ctx, accepted_at, ClientScheme::Https, arrival).await;
 }

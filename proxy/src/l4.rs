@@ -26,6 +26,8 @@ pub const COMMAND_QUEUE: usize = 1024;
 pub enum PortSocket {
     Tcp(std::net::TcpListener),
     Udp(std::net::UdpSocket),
+    /// HTTPS on an account's tunnel address, for private services (`mesh::inbound`).
+    MeshHttps(std::net::TcpListener, std::sync::Arc<str>),
 }
 
 pub struct OpenPort {
@@ -37,7 +39,7 @@ pub struct OpenPort {
 impl OpenPort {
     pub fn transport(&self) -> Transport {
         match self.socket {
-            PortSocket::Tcp(_) => Transport::Tcp,
+            PortSocket::Tcp(_) | PortSocket::MeshHttps(..) => Transport::Tcp,
             PortSocket::Udp(_) => Transport::Udp,
         }
     }
@@ -60,6 +62,14 @@ pub async fn serve_ports(mut commands: mpsc::Receiver<OpenPort>, ctx: Rc<WorkerC
                 }
                 Err(e) => tracing::error!(port, error = %e, "cannot serve UDP port"),
             },
+            PortSocket::MeshHttps(l, account_id) => {
+                monoio::spawn(crate::dataplane::serve_mesh_inbound(
+                    l,
+                    account_id,
+                    ctx.clone(),
+                    closed,
+                ));
+            }
         }
     }
 }

@@ -82,6 +82,28 @@ pub fn run(args: &ProxyArgs) -> Result<i32, StartError> {
         ),
         None => None,
     };
+    // Picked before the proxy reports its capabilities, which depend on it.
+    let mesh_picked = management
+        .as_ref()
+        .map(|_| crate::mesh::tunnel::pick(config.mesh.backend));
+    let serves_private = mesh_picked
+        .as_ref()
+        .is_some_and(|p| crate::mesh::MeshStart::serves_private(&config.mesh, p));
+    if config.mesh.private && !serves_private {
+        let why = match &mesh_picked {
+            None => "there is no management (NB_PROXY_TOKEN)".to_string(),
+            Some(Err(reason)) => format!("the mesh is off: {reason}"),
+            Some(Ok((backend, _))) => format!(
+                "the {backend} mesh backend cannot accept connections; use kernel or tun \
+                 (PORTCULLIS_MESH_BACKEND)"
+            ),
+        };
+        tracing::warn!(%why, "NB_PROXY_PRIVATE is set, but private services cannot be served");
+    }
+    let management = management.map(|mut link| {
+        link.private_services = serves_private;
+        link
+    });
     if config.mappings_file.is_none() && management.is_none() {
         tracing::warn!(
             "neither NB_PROXY_TOKEN (management) nor NB_PROXY_MAPPINGS_FILE is set: no services are served"
@@ -164,6 +186,15 @@ pub fn run(args: &ProxyArgs) -> Result<i32, StartError> {
     let (port_senders, port_receivers): (Vec<_>, Vec<_>) = (0..shared.config.workers)
         .map(|_| tokio::sync::mpsc::channel(crate::l4::COMMAND_QUEUE))
         .unzip();
+    let mesh = mesh_picked.map(|picked| crate::mesh::MeshStart {
+        picked,
+        inbound: serves_private.then(|| {
+            crate::mesh::inbound::MeshInbound::new(
+                port_senders.clone(),
+                shared.config.https_listen.port(),
+            )
+        }),
+    });
     let listeners = shared
         .config
         .custom_ports
@@ -190,7 +221,7 @@ pub fn run(args: &ProxyArgs) -> Result<i32, StartError> {
                 return 1;
             }
         };
-        crate::control::run(shared, certs, health, sources, management, acme).await
+        crate::control::run(shared, certs, health, sources, management, mesh, acme).await
     });
     Ok(code)
 }

@@ -354,10 +354,24 @@ pub fn curl_in(
     port: u16,
     path: &str,
 ) -> Result<CurlResponse, String> {
+    curl_in_with(ns, ca, host, ip, port, path, &[])
+}
+
+/// [`curl_in`] sending extra request headers (`Name: value`).
+pub fn curl_in_with(
+    ns: &str,
+    ca: &Path,
+    host: &str,
+    ip: &str,
+    port: u16,
+    path: &str,
+    headers: &[&str],
+) -> Result<CurlResponse, String> {
     let url = format!("https://{host}:{port}{path}");
     let out = Command::new("ip")
         .args(["netns", "exec", ns, "curl", "-sS", "-i", "--http1.1"])
         .args(["--max-time", "15", "--connect-timeout", "5"])
+        .args(headers.iter().flat_map(|h| ["-H", h]))
         .arg("--cacert")
         .arg(ca)
         .arg("--resolve")
@@ -454,13 +468,39 @@ impl HttpServer {
     }
 }
 
+/// `{X-NetBird-User}` and `{X-NetBird-Groups}` in a body become the request's values of those
+/// headers (`-` when absent), so a test sees the identity the proxy passed on.
+fn with_identity(body: &str, head: &str) -> String {
+    let mut out = body.to_string();
+    for name in ["X-NetBird-User", "X-NetBird-Groups"] {
+        let placeholder = format!("{{{name}}}");
+        if !out.contains(&placeholder) {
+            continue;
+        }
+        let values: Vec<&str> = head
+            .lines()
+            .filter_map(|l| l.split_once(':'))
+            .filter(|(k, _)| k.trim().eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.trim())
+            .collect();
+        let value = if values.is_empty() {
+            "-".to_string()
+        } else {
+            values.join("|")
+        };
+        out = out.replace(&placeholder, &value);
+    }
+    out
+}
+
 fn serve(mut stream: TcpStream, body: &str) {
     let _ = stream.set_read_timeout(Some(Duration::from_secs(30)));
     let mut buf = Vec::new();
     let mut chunk = [0u8; 4096];
     loop {
         while let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
-            buf.drain(..end + 4);
+            let head: Vec<u8> = buf.drain(..end + 4).collect();
+            let body = with_identity(body, &String::from_utf8_lossy(&head));
             let resp = format!(
                 "HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: {}\r\n\r\n{body}",
                 body.len()

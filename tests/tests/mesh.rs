@@ -11,8 +11,8 @@ use std::time::{Duration, Instant};
 use serde_json::{Value, json};
 use tests::management::{Api, Management};
 use tests::mesh_net::{
-    Agent, HttpServer, MeshNet, PUB_IP, StockPeer, curl_in, poll, run, run_ns, skip_reason,
-    tcp_connect_in, wg_quick_value, wg_show,
+    Agent, HttpServer, MeshNet, PUB_IP, StockPeer, curl_in, curl_in_with, poll, run, run_ns,
+    skip_reason, tcp_connect_in, wg_quick_value, wg_show,
 };
 use tests::proxy::{Proxy, ProxyOptions, TestDir, free_port};
 
@@ -55,12 +55,26 @@ fn start_proxy(
     cluster: &str,
     backend: Backend,
 ) -> Proxy {
+    start_proxy_with(net, m, token, cluster, backend, &[])
+}
+
+fn start_proxy_with(
+    net: &MeshNet,
+    m: &Management,
+    token: &str,
+    cluster: &str,
+    backend: Backend,
+    env: &[(&str, &str)],
+) -> Proxy {
     let mut opts = ProxyOptions::new("")
         .env("NB_PROXY_MANAGEMENT_ADDRESS", &m.grpc_url())
         .env("NB_PROXY_TOKEN", token)
         .env("NB_PROXY_ALLOW_INSECURE", "true")
         .env("NB_PROXY_DOMAIN", cluster)
         .env("PORTCULLIS_WG_ENDPOINT_HOST", PUB_IP);
+    for (k, v) in env {
+        opts = opts.env(k, v);
+    }
     opts.cert_names = vec![format!("*.{cluster}")];
     opts.netns = Some(net.pub_ns.clone());
     opts.listen_ip = PUB_IP.to_string();
@@ -1030,6 +1044,145 @@ fn ha_proxies_share_an_agent() {
         &logs_of(&m, &[&p1, &p2], &[&agent]),
         &[("setup key", &key), ("agent private key", &private)],
     );
+}
+
+// === issue #9: NetBird-only (private) services over the mesh ===
+
+/// A private service answers a peer whose user is in its group, over the mesh and without a
+/// login page, passing the user on; it refuses a peer outside its groups, anyone outside the
+/// mesh, and fails closed while management is away.
+#[test]
+fn private_services_over_the_mesh() {
+    let Some(mut net) = setup("private_services_over_the_mesh") else {
+        return;
+    };
+    let site = net.add_site("site").expect("site");
+    let dir = TestDir::new("mesh-private");
+    let mut m = start_management(&net, &dir);
+    let (_, pat) = m.bootstrap("a@example.test");
+    let api = m.api(&pat);
+    let (_, token) = api.create_proxy_token("mesh");
+    let proxy = start_proxy_with(
+        &net,
+        &m,
+        &token,
+        "mesh.test",
+        Backend::Tun,
+        &[("NB_PROXY_PRIVATE", "true")],
+    );
+    let clusters = api.ok("GET", "/api/reverse-proxies/clusters", None);
+    assert_eq!(
+        clusters[0]["features"]["supports_private_service"], true,
+        "{clusters}"
+    );
+    let mut agent = Agent::new(
+        &site.ns,
+        "laptop",
+        &net.iface_name("p"),
+        &m.grpc_url(),
+        &dir.0,
+    );
+    let iface = agent.interface.clone();
+    let (_, peer) = register_agent(&api, &mut agent, "one-off");
+
+    // The peer belongs to a user whom the administrator put in `staff`.
+    let user = create(
+        &api,
+        "/api/users",
+        &json!({"email": "dev@example.test", "role": "user"}),
+    );
+    let staff = create(&api, "/api/groups", &json!({"name": "staff"}));
+    let ops = create(&api, "/api/groups", &json!({"name": "ops"}));
+    api.ok(
+        "PUT",
+        &format!("/api/users/{}", user["id"].as_str().unwrap()),
+        Some(&json!({"auto_groups": [staff["id"]]})),
+    );
+    let updated = api.ok(
+        "PUT",
+        &format!("/api/peers/{}", peer["id"].as_str().unwrap()),
+        Some(&json!({"user_id": user["id"]})),
+    );
+    assert_eq!(updated["user_id"], user["id"], "{updated}");
+
+    let port = free_port();
+    let _target = HttpServer::start_in(
+        &net.pub_ns,
+        format!("{PUB_IP}:{port}").parse().unwrap(),
+        "user={X-NetBird-User} groups={X-NetBird-Groups}",
+        Duration::from_secs(5),
+    );
+    let target = json!({"target_type": "host", "target_id": "", "host": PUB_IP,
+        "protocol": "http", "port": port});
+    let private = |name: &str, group: &Value| {
+        api.ok(
+            "POST",
+            "/api/reverse-proxies/services",
+            Some(&json!({"name": name, "domain": format!("{name}.mesh.test"),
+                "targets": [target], "private": true, "access_groups": [group["id"]]})),
+        )
+    };
+    private("team", &staff);
+    private("ops", &ops);
+    private("late", &staff);
+    // The proxy joins the account's mesh once it has a service there.
+    agent.wait_handshakes(1, Duration::from_secs(30));
+    let proxy_ip = peers(&api)
+        .into_iter()
+        .find(|p| p["kind"] == "proxy")
+        .map(|p| tunnel_ip(&p).to_string())
+        .expect("the proxy's peer");
+    let diag = || diagnose(&net, &[&proxy], &[&iface]);
+    // Every request also claims another identity; only the proxy's may reach the target.
+    let over_mesh = |host: &str| {
+        let spoofed = [
+            "X-NetBird-User: boss@example.test",
+            "X-NetBird-Groups: admins",
+        ];
+        curl_in_with(
+            &site.ns,
+            &proxy.ca_path(),
+            host,
+            &proxy_ip,
+            proxy.https_port,
+            "/",
+            &spoofed,
+        )
+        .map(|r| (r.status, r.text()))
+    };
+
+    // Over the mesh, as the peer's user: no login page, the identity reaches the target.
+    let mut last = Err(String::new());
+    let served = poll(Duration::from_secs(30), || {
+        last = over_mesh("team.mesh.test");
+        matches!(&last, Ok((200, _))).then_some(())
+    });
+    assert!(
+        served.is_some(),
+        "the private service was not served over the mesh: {last:?}\n{}",
+        diag()
+    );
+    assert_eq!(
+        last.unwrap().1,
+        "user=dev@example.test groups=staff",
+        "the target sees who asked"
+    );
+    // A group the peer is not in.
+    let (status, _) = over_mesh("ops.mesh.test").expect("ops over the mesh");
+    assert_eq!(
+        status, 403,
+        "a peer outside the service's groups is refused"
+    );
+    // From outside the mesh, on the public listener.
+    let (status, body) = get(&net, &proxy, "team.mesh.test").expect("team from outside");
+    assert_eq!(status, 403, "outside the mesh: {body}");
+
+    // Management away: a service this peer never used is refused, not served unchecked.
+    m.stop();
+    let (status, _) = over_mesh("late.mesh.test").expect("late over the mesh");
+    assert_eq!(status, 503, "fail closed while management cannot be asked");
+    let (status, _) = get(&net, &proxy, "late.mesh.test").expect("late from outside");
+    assert_eq!(status, 403);
 }
 
 // === 0. the testbed itself ===

@@ -36,6 +36,8 @@ struct Peer {
     token: ProxyToken,
     cluster: String,
     proxy_id: String,
+    /// Claims `supports_private_service`: only then does it get private services' mappings.
+    private_services: bool,
 }
 
 /// Where batches go: the two stream kinds differ only in how a batch is delivered.
@@ -115,6 +117,10 @@ async fn register(
         return Err(Status::invalid_argument("proxy_id is required"));
     }
     let caps = capabilities_json(capabilities.as_ref());
+    let private_services = capabilities
+        .as_ref()
+        .and_then(|c| c.supports_private_service)
+        .unwrap_or(false);
     match svc
         .store
         .register_proxy(&token, &address, proxy_id, version, &caps)
@@ -136,6 +142,7 @@ async fn register(
         token,
         cluster: address,
         proxy_id: proxy_id.to_string(),
+        private_services,
     })
 }
 
@@ -194,6 +201,9 @@ async fn serve<S: BatchSink>(
     let mut snapshot: Vec<ProxyMapping> = Vec::with_capacity(records.len());
     for r in &records {
         match svc.store.mapping_for(r).await {
+            Ok(m) if m.private && !peer.private_services => {
+                tracing::warn!(service = %r.id, proxy = %peer.proxy_id, "private service not sent: the proxy does not claim supports_private_service");
+            }
             Ok(m) => snapshot.push(m),
             Err(e) => {
                 tracing::error!(service = %r.id, error = %e, "service left out of the snapshot");
@@ -268,9 +278,22 @@ fn push_if_ours(peer: &Peer, ev: ServiceEvent, batch: &mut Vec<ProxyMapping>) {
         .account_id
         .as_deref()
         .is_none_or(|a| a == ev.account_id);
-    if same_cluster && visible {
-        batch.push(ev.mapping);
+    if !(same_cluster && visible) {
+        return;
     }
+    if ev.mapping.private && !peer.private_services {
+        // It may have been public until now: the proxy must stop serving it, not keep the old
+        // mapping.
+        batch.push(ProxyMapping {
+            r#type: proto::ProxyMappingUpdateType::UpdateTypeRemoved as i32,
+            id: ev.mapping.id,
+            account_id: ev.mapping.account_id,
+            domain: ev.mapping.domain,
+            ..Default::default()
+        });
+        return;
+    }
+    batch.push(ev.mapping);
 }
 
 // === impl UpdateSink ===
@@ -356,5 +379,62 @@ impl BatchSink for SyncSink {
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn peer(private_services: bool) -> Peer {
+        Peer {
+            token: ProxyToken {
+                id: "t".into(),
+                account_id: None,
+                name: "t".into(),
+                created_at: 0,
+                expires_at: None,
+                revoked: false,
+            },
+            cluster: "proxy.example".into(),
+            proxy_id: "p".into(),
+            private_services,
+        }
+    }
+
+    fn event(private: bool) -> ServiceEvent {
+        ServiceEvent {
+            account_id: "a".into(),
+            cluster_address: "proxy.example".into(),
+            mapping: ProxyMapping {
+                r#type: proto::ProxyMappingUpdateType::UpdateTypeModified as i32,
+                id: "s".into(),
+                account_id: "a".into(),
+                domain: "app.proxy.example".into(),
+                private,
+                ..Default::default()
+            },
+        }
+    }
+
+    #[test]
+    fn private_services_reach_only_proxies_that_enforce_them() {
+        let mut batch = Vec::new();
+        push_if_ours(&peer(true), event(true), &mut batch);
+        assert!(
+            batch[0].private,
+            "sent as is to a proxy that claims the capability"
+        );
+        let mut batch = Vec::new();
+        push_if_ours(&peer(false), event(true), &mut batch);
+        assert_eq!(
+            batch[0].r#type,
+            proto::ProxyMappingUpdateType::UpdateTypeRemoved as i32,
+            "a proxy that cannot enforce it drops the service instead"
+        );
+        assert!(!batch[0].private && batch[0].path.is_empty());
+        let mut batch = Vec::new();
+        push_if_ours(&peer(false), event(false), &mut batch);
+        assert_eq!(batch.len(), 1);
     }
 }

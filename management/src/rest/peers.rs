@@ -24,7 +24,7 @@ const PERSISTENT_KEEPALIVE: u32 = 10;
 /// What the `PrivateKey` line says when management does not know the key.
 pub const PRIVATE_KEY_PLACEHOLDER: &str = "<the private key of this peer>";
 
-fn peer_json(p: &MeshPeer, routes: &[String]) -> serde_json::Value {
+pub fn peer_json(p: &MeshPeer, routes: &[String]) -> serde_json::Value {
     json!({
         "id": p.id,
         "name": p.name,
@@ -37,11 +37,13 @@ fn peer_json(p: &MeshPeer, routes: &[String]) -> serde_json::Value {
         "proxy_id": p.proxy_id,
         "endpoint": p.endpoint(),
         "created_at": rfc3339(p.created_at),
+        "user_id": p.user_id,
+        "groups": p.groups,
     })
 }
 
 /// Routed networks (host resources as /32, subnets) per routing peer.
-async fn routes_by_peer(
+pub async fn routes_by_peer(
     store: &Store,
     account: &str,
 ) -> Result<HashMap<String, Vec<String>>, StoreError> {
@@ -308,6 +310,8 @@ mod tests {
             connected: false,
             last_seen: None,
             created_at: 0,
+            user_id: None,
+            groups: Vec::new(),
         }
     }
 

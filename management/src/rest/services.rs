@@ -27,6 +27,8 @@ fn service_json(r: &ServiceRecord) -> serde_json::Value {
         "rewrite_redirects": spec.rewrite_redirects,
         "auth": spec.auth.as_ref().map_or_else(|| json!({}), |a| json!(a)),
         "access_restrictions": spec.access_restrictions,
+        "private": spec.private,
+        "access_groups": spec.access_groups,
         "meta": {
             "created_at": rfc3339(r.created_at),
             "status": r.status,
@@ -66,6 +68,19 @@ async fn prepare(
     let valid = req.validate().map_err(|e| ApiError::unprocessable(e.0))?;
     if let Some(groups) = valid.auth.as_ref().and_then(|a| a.sso_groups.as_ref()) {
         check_sso(st, account, groups).await?;
+    }
+    if valid.spec.private {
+        let known = st.store.groups(account).await?;
+        if let Some(g) = valid
+            .spec
+            .access_groups
+            .iter()
+            .find(|g| !known.iter().any(|k| &k.id == *g))
+        {
+            return Err(ApiError::unprocessable(format!(
+                "access_groups: no group with id {g:?}"
+            )));
+        }
     }
     match st.store.resolve_targets(account, &valid.spec.targets).await {
         Ok(_) => {}
@@ -253,8 +268,11 @@ async fn credentials(
     valid: &mut model::ValidService,
     previous: Option<crate::store::ServiceAuthRow>,
 ) -> ApiResult<Option<crate::store::ServiceAuthRow>> {
-    let Some(input) = valid.auth.take() else {
-        return Ok(None);
+    let input = match valid.auth.take() {
+        Some(input) => input,
+        // No sign-in method, but `ValidateTunnelPeer` signs sessions with the service's key.
+        None if valid.spec.private => model::auth::AuthInput::default(),
+        None => return Ok(None),
     };
     match crate::credentials::prepare(input, previous).await {
         Ok(row) => {

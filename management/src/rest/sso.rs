@@ -126,7 +126,13 @@ async fn service_using(
     pred: impl Fn(&[String]) -> bool,
 ) -> ApiResult<Option<String>> {
     for r in st.store.services(account).await? {
-        let Some(auth) = model::spec_of(&r).ok().and_then(|s| s.auth) else {
+        let Ok(spec) = model::spec_of(&r) else {
+            continue;
+        };
+        if spec.private && pred(&spec.access_groups) {
+            return Ok(Some(r.name));
+        }
+        let Some(auth) = spec.auth else {
             continue;
         };
         if auth.bearer_auth.enabled && pred(&auth.bearer_auth.distribution_groups) {
@@ -140,9 +146,8 @@ async fn service_using(
 #[serde(deny_unknown_fields)]
 pub struct GroupRequest {
     name: String,
-    /// Accepted for NetBird clients; this management keeps no peers in groups.
+    /// Mesh peers (ids) to put in the new group.
     #[serde(default)]
-    #[allow(dead_code)]
     peers: Vec<String>,
 }
 
@@ -165,7 +170,24 @@ pub async fn create_group(
             "name is required (at most 256 characters)",
         ));
     }
+    let mut members = Vec::with_capacity(req.peers.len());
+    for id in &req.peers {
+        match st.store.peer_access(caller.account(), id).await? {
+            Some(access) => members.push((id, access)),
+            None => {
+                return Err(ApiError::unprocessable(format!(
+                    "peers: no peer with id {id:?}"
+                )));
+            }
+        }
+    }
     let g = st.store.create_group(caller.account(), name, "api").await?;
+    for (id, mut access) in members {
+        access.groups.push(g.id.clone());
+        st.store
+            .set_peer_access(caller.account(), id, &access)
+            .await?;
+    }
     Ok(Json(json!(g)))
 }
 
@@ -179,6 +201,13 @@ pub async fn delete_group(
         return Err(ApiError::new(
             StatusCode::CONFLICT,
             format!("service {name:?} lets this group in; remove it there first"),
+        ));
+    }
+    if st.store.group_has_members(caller.account(), &id).await? {
+        return Err(ApiError::new(
+            StatusCode::CONFLICT,
+            "peers or users are in this group; take them out first (PUT /api/peers/{id}, \
+             PUT /api/users/{id})",
         ));
     }
     if !st.store.delete_group(caller.account(), &id).await? {

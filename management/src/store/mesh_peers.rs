@@ -255,6 +255,10 @@ pub struct MeshPeer {
     pub connected: bool,
     pub last_seen: Option<i64>,
     pub created_at: i64,
+    /// The user the peer belongs to (NetBird-only services), if any.
+    pub user_id: Option<String>,
+    /// The groups the peer is in itself (ids).
+    pub groups: Vec<String>,
 }
 
 impl MeshPeer {
@@ -288,6 +292,13 @@ macro_rules! columns {
     () => {
         "id, account_id, name, public_key, tunnel_ip, kind, proxy_id, cluster_address, \
          listen_port, endpoint_host, setup_key_id, connected, last_seen, created_at"
+    };
+}
+
+/// What a read takes besides [`columns`]: who the peer belongs to, its groups.
+macro_rules! read_columns {
+    () => {
+        concat!(columns!(), ", user_id, peer_groups")
     };
 }
 
@@ -376,6 +387,8 @@ impl Store {
                         connected: false,
                         last_seen: None,
                         created_at,
+                        user_id: None,
+                        groups: Vec::new(),
                     });
                 }
                 Err(e) if is_unique_violation(&e) => {
@@ -425,7 +438,7 @@ impl Store {
     pub async fn mesh_peers(&self, account_id: &str) -> Result<Vec<MeshPeer>, StoreError> {
         let rows = sqlx::query(concat!(
             "SELECT ",
-            columns!(),
+            read_columns!(),
             " FROM mesh_peers WHERE account_id = $1 ORDER BY created_at, id"
         ))
         .bind(account_id)
@@ -441,7 +454,7 @@ impl Store {
     ) -> Result<Option<MeshPeer>, StoreError> {
         let row = sqlx::query(concat!(
             "SELECT ",
-            columns!(),
+            read_columns!(),
             " FROM mesh_peers WHERE account_id = $1 AND id = $2"
         ))
         .bind(account_id)
@@ -458,7 +471,7 @@ impl Store {
     ) -> Result<Option<MeshPeer>, StoreError> {
         let row = sqlx::query(concat!(
             "SELECT ",
-            columns!(),
+            read_columns!(),
             " FROM mesh_peers WHERE account_id = $1 AND public_key = $2"
         ))
         .bind(account_id)
@@ -476,7 +489,7 @@ impl Store {
     ) -> Result<Option<MeshPeer>, StoreError> {
         let row = sqlx::query(concat!(
             "SELECT ",
-            columns!(),
+            read_columns!(),
             " FROM mesh_peers WHERE account_id = $1 AND proxy_id = $2 AND kind = 'proxy'"
         ))
         .bind(account_id)
@@ -490,7 +503,7 @@ impl Store {
     pub async fn peers_of_proxy(&self, proxy_id: &str) -> Result<Vec<MeshPeer>, StoreError> {
         let rows = sqlx::query(concat!(
             "SELECT ",
-            columns!(),
+            read_columns!(),
             " FROM mesh_peers WHERE proxy_id = $1 AND kind = 'proxy' ORDER BY account_id"
         ))
         .bind(proxy_id)
@@ -632,7 +645,7 @@ impl Store {
         }
         let row = sqlx::query(concat!(
             "SELECT ",
-            columns!(),
+            read_columns!(),
             " FROM mesh_peers WHERE hashed_token = $1 AND kind = 'agent'"
         ))
         .bind(secrets::hash_token(plain))
@@ -766,6 +779,12 @@ fn peer_from_row(row: &sqlx::any::AnyRow) -> Result<MeshPeer, StoreError> {
         connected: connected != 0,
         last_seen: row.try_get("last_seen")?,
         created_at: row.try_get("created_at")?,
+        user_id: row.try_get("user_id")?,
+        groups: match row.try_get::<Option<String>, _>("peer_groups")? {
+            None => Vec::new(),
+            Some(t) => serde_json::from_str(&t)
+                .map_err(|e| StoreError::Corrupt(format!("mesh_peers.peer_groups: {e}")))?,
+        },
     })
 }
 

@@ -52,6 +52,9 @@ pub struct ManagementLink {
     pub custom_ports: bool,
     /// Reported as `supports_crowdsec`: a bouncer is configured.
     pub crowdsec: bool,
+    /// Reported as `private` and `supports_private_service`: NB_PROXY_PRIVATE on a mesh backend
+    /// that accepts connections.
+    pub private_services: bool,
 }
 
 impl ManagementLink {
@@ -107,6 +110,7 @@ impl ManagementLink {
             require_subdomain,
             custom_ports: true,
             crowdsec: false,
+            private_services: false,
         })
     }
 
@@ -127,8 +131,8 @@ impl ManagementLink {
             supports_custom_ports: Some(self.custom_ports),
             require_subdomain: Some(self.require_subdomain),
             supports_crowdsec: Some(self.crowdsec),
-            private: Some(false),
-            supports_private_service: Some(false),
+            private: Some(self.private_services),
+            supports_private_service: Some(self.private_services),
         }
     }
 

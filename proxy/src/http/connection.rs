@@ -35,9 +35,21 @@ impl ClientScheme {
     }
 }
 
+/// Where a connection came in.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub enum Arrival {
+    /// The public listeners (NB_PROXY_ADDRESS, NB_PROXY_HTTP_ADDRESS).
+    #[default]
+    Public,
+    /// An account's mesh, on the proxy's tunnel address there (NB_PROXY_PRIVATE): the peer
+    /// address is a tunnel address of that account.
+    Mesh { account_id: std::sync::Arc<str> },
+}
+
 /// Buffers reused by every request of one connection.
 pub struct Conn {
     pub scheme: ClientScheme,
+    pub arrival: Arrival,
     pub inbuf: InBuf,
     pub upbuf: InBuf,
     pub head: RequestHead,
@@ -46,9 +58,10 @@ pub struct Conn {
 }
 
 impl Conn {
-    fn new(scheme: ClientScheme) -> Self {
+    fn new(scheme: ClientScheme, arrival: Arrival) -> Self {
         Self {
             scheme,
+            arrival,
             inbuf: InBuf::default(),
             upbuf: InBuf::default(),
             head: RequestHead::default(),
@@ -81,12 +94,13 @@ pub async fn serve<S>(
     ctx: Rc<WorkerCtx>,
     accepted_at: Instant,
     scheme: ClientScheme,
+    arrival: Arrival,
 ) where
     S: AsyncReadRent + AsyncWriteRent + Splitable + WaitReadable,
     S::OwnedRead: AsyncReadRent,
     S::OwnedWrite: AsyncWriteRent,
 {
-    let mut conn = Conn::new(scheme);
+    let mut conn = Conn::new(scheme, arrival);
     let mut drain = ctx.shared.drain_signal();
     let mut first = true;
     loop {

@@ -14,6 +14,7 @@ use super::gate::{self, GateLog, Identity, Verdict};
 use super::head::{Framing, HeadError};
 use super::responses::{self, ProxyStatus};
 use super::rewrite::{self, Forwarding, ResponseContext};
+use crate::auth::tunnel_peer::{self, TunnelVerdict};
 use crate::config::ForwardedProto;
 use crate::dataplane::WorkerCtx;
 use crate::dataplane::inbuf::write_vec;
@@ -79,17 +80,40 @@ pub async fn exchange<S: AsyncReadRent + AsyncWriteRent>(
         tracing::info!(client = %client_ip, service = %service.id, %verdict, refused = refuse, "CrowdSec verdict");
     }
     record.crowdsec_verdict = crowdsec.map(|(verdict, _)| verdict);
-    // NetBird-only services are for requests that arrive over the mesh, which this proxy does
-    // not accept yet (no inbound listener on its tunnel addresses, see `supports_private_service`),
-    // so every request is from outside the mesh: refused, never served unauthenticated.
-    if !service.access.permits(client_ip) || refused_by_crowdsec || service.private {
+    if !service.access.permits(client_ip) || refused_by_crowdsec {
         record.status = ProxyStatus::Forbidden.code();
         access_log::record(ctx, &service, conn, client_ip, started, &record);
         return answer(client, conn, ProxyStatus::Forbidden).await;
     }
+    if service.private {
+        // NetBird-only: the mesh peer is the credential; sign-in methods are never offered.
+        let refused = match tunnel_peer::check(ctx, &service, &conn.arrival, peer.ip()).await {
+            TunnelVerdict::Pass(identity) => {
+                record.gate.method = identity.method.clone();
+                record.gate.success = true;
+                record.identity = Some(identity);
+                None
+            }
+            TunnelVerdict::Denied(reason) => {
+                tracing::debug!(service = %service.id, %peer, %reason, "private service refused");
+                Some(ProxyStatus::Forbidden)
+            }
+            TunnelVerdict::Unavailable(e) => {
+                tracing::warn!(service = %service.id, %peer, error = %e, "tunnel peer not checked; refused");
+                Some(ProxyStatus::ServiceUnavailable)
+            }
+        };
+        if let Some(status) = refused {
+            record.status = status.code();
+            record.gate.method = "tunnel_peer".into();
+            access_log::record(ctx, &service, conn, client_ip, started, &record);
+            return answer(client, conn, status).await;
+        }
+    }
     tracing::trace!(service = %service.id, path = head.path(), "routing request");
 
-    if let Some(auth) = &service.auth {
+    // A private service's peers were let in above; password, PIN and SSO are bypassed.
+    if let Some(auth) = service.auth.as_ref().filter(|_| !service.private) {
         match gate::check(
             client,
             conn,

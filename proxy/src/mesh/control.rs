@@ -14,16 +14,17 @@ use proto::CreateProxyPeerRequest;
 use proto::mesh::proxy_mesh_client::ProxyMeshClient;
 use proto::mesh::{AccountMesh, MeshUpdate, ReportEndpointRequest, SyncMeshRequest};
 use proto::proxy_service_client::ProxyServiceClient;
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, watch};
 use tonic::transport::Channel;
 use tonic::{Code, Status};
 use wireguard_control::Key;
 
-use super::firewall::MeshFirewall;
+use super::firewall::{MeshFirewall, MeshInterface};
+use super::inbound::MeshInbound;
 use super::settings::MeshSettings;
 use super::table::{AccountRoutes, Carrier, MeshSnapshot, PeerRoute};
-use super::tunnel::{self, Backend, Peer, Tunnel};
-use super::{MeshInputs, Tokens};
+use super::tunnel::{Backend, Peer, Tunnel};
+use super::{MeshInputs, MeshStart, Tokens};
 use crate::control::management::ManagementLink;
 use crate::state::Shared;
 
@@ -49,6 +50,8 @@ struct Account {
     peers: Vec<MeshPeerState>,
     reported_port: Option<u16>,
     bridges: HashMap<SocketAddr, SocketAddr>,
+    /// NB_PROXY_PRIVATE: closes the account's mesh listeners when dropped.
+    inbound: Option<watch::Sender<bool>>,
     error: Option<String>,
 }
 
@@ -76,6 +79,7 @@ impl Account {
             peers: Vec::new(),
             reported_port: None,
             bridges: HashMap::new(),
+            inbound: None,
             error: None,
         }
     }
@@ -90,6 +94,7 @@ struct Mesh {
     accounts: BTreeMap<String, Account>,
     firewall: MeshFirewall,
     firewall_error: Option<String>,
+    inbound: Option<MeshInbound>,
 }
 
 /// Runs for the life of the proxy.
@@ -98,8 +103,9 @@ pub async fn run(
     link: ManagementLink,
     settings: MeshSettings,
     mut inputs: MeshInputs,
+    start: MeshStart,
 ) {
-    let (backend, reason) = match tunnel::pick(settings.backend) {
+    let (backend, reason) = match start.picked {
         Ok(picked) => picked,
         Err(reason) => {
             tracing::info!(%reason, "WireGuard mesh off: targets are dialed directly");
@@ -120,6 +126,7 @@ pub async fn run(
         accounts: BTreeMap::new(),
         firewall: MeshFirewall::new(),
         firewall_error: None,
+        inbound: start.inbound,
     };
     mesh.publish();
     let mut retry = Duration::from_secs(1);
@@ -246,6 +253,7 @@ impl Mesh {
                 account.peers.clear();
                 account.bridges.clear();
                 account.reported_port = None;
+                account.inbound = None;
                 let _ = tokio::task::spawn_blocking(move || drop(tunnel)).await;
                 changed.push(removed.clone());
             }
@@ -275,6 +283,7 @@ impl Mesh {
             .iter()
             .any(|(id, a)| *id != mesh.account_id && a.tunnel.is_some());
         let backend = self.backend;
+        let inbound = self.inbound.clone();
         let Some(account) = self.accounts.get_mut(&mesh.account_id) else {
             return false;
         };
@@ -297,6 +306,7 @@ impl Mesh {
             return false;
         }
         if account.tunnel.is_none() || account.address != Some(address) {
+            account.inbound = None;
             let old = account.tunnel.take();
             let private = account.private.clone();
             let port = if others_have_tunnels { 0 } else { first_port };
@@ -314,6 +324,9 @@ impl Mesh {
                     account.reported_port = None;
                     account.bridges.clear();
                     account.error = None;
+                    if let Some(inbound) = &inbound {
+                        open_inbound(&mesh.account_id, account, inbound, address);
+                    }
                 }
                 Ok(Err(e)) => {
                     tracing::error!(account = %mesh.account_id, error = %e, "cannot create the account's WireGuard tunnel");
@@ -367,10 +380,20 @@ impl Mesh {
     }
 
     fn apply_firewall(&mut self) {
-        let interfaces: Vec<&str> = self
+        let port = self.inbound.as_ref().map(MeshInbound::port);
+        let interfaces: Vec<MeshInterface<'_>> = self
             .accounts
             .values()
-            .filter_map(|a| a.tunnel.as_ref().and_then(Tunnel::interface))
+            .filter_map(|a| {
+                let name = a.tunnel.as_ref().and_then(Tunnel::interface)?;
+                let accepts = match (&a.inbound, a.address, port) {
+                    (Some(_), Some(address), Some(port)) => {
+                        Some(SocketAddr::new(address.addr(), port))
+                    }
+                    _ => None,
+                };
+                Some(MeshInterface { name, accepts })
+            })
             .collect();
         if interfaces.is_empty() && self.firewall_error.is_none() {
             let _ = self.firewall.apply(&[]);
@@ -475,6 +498,7 @@ impl Mesh {
                     "tunnel_address": account.address.map(|a| a.to_string()),
                     "interface": account.tunnel.as_ref().and_then(Tunnel::interface),
                     "listen_port": account.tunnel.as_ref().map(Tunnel::listen_port),
+                    "accepts_private": account.inbound.is_some(),
                     "peers": peers,
                     "error": account.error,
                 }),
@@ -595,6 +619,23 @@ fn sync_bridges(account_id: &str, account: &mut Account, targets: &[(String, Soc
         }
     }
     changed
+}
+
+/// Opens the account's listeners for private services; a failure is the account's error.
+fn open_inbound(account_id: &str, account: &mut Account, inbound: &MeshInbound, address: IpNet) {
+    let Some(interface) = account.tunnel.as_ref().and_then(Tunnel::interface) else {
+        return;
+    };
+    match inbound.open(account_id, interface, address.addr()) {
+        Ok(closer) => {
+            tracing::info!(account = %account_id, address = %address.addr(), port = inbound.port(), "accepting private services' requests over the mesh");
+            account.inbound = Some(closer);
+        }
+        Err(e) => {
+            tracing::error!(account = %account_id, error = %e, "private services cannot be served over this account's mesh");
+            account.error = Some(e);
+        }
+    }
 }
 
 fn set_health(shared: &Shared, value: serde_json::Value) {

@@ -3,10 +3,20 @@
 //! proxy host, and nothing is forwarded into or out of a mesh interface, so a peer of one
 //! account cannot reach the other accounts' targets (or anything else) through the proxy, even
 //! where the host forwards packets. One nftables table per proxy process, replaced atomically.
+//! With NB_PROXY_PRIVATE a peer may also open HTTPS connections to the proxy's own tunnel
+//! address on that interface, and to nothing else.
+
+use std::net::SocketAddr;
 
 #[derive(Debug, thiserror::Error)]
 #[error("nftables: {0}")]
 pub struct FirewallError(String);
+
+/// One account's interface, and the address it accepts connections on (NB_PROXY_PRIVATE).
+pub struct MeshInterface<'a> {
+    pub name: &'a str,
+    pub accepts: Option<SocketAddr>,
+}
 
 pub struct MeshFirewall {
     table: String,
@@ -20,7 +30,7 @@ impl MeshFirewall {
     }
 
     /// Installs the rules for exactly these interfaces (removes the table when there are none).
-    pub fn apply(&self, interfaces: &[&str]) -> Result<(), FirewallError> {
+    pub fn apply(&self, interfaces: &[MeshInterface<'_>]) -> Result<(), FirewallError> {
         nft(&ruleset(&self.table, interfaces))
     }
 }
@@ -39,21 +49,35 @@ impl Drop for MeshFirewall {
 
 /// Creating the table first makes the delete valid whether or not it existed: the whole text is
 /// one transaction, so the rules never have a gap.
-fn ruleset(table: &str, interfaces: &[&str]) -> String {
+fn ruleset(table: &str, interfaces: &[MeshInterface<'_>]) -> String {
     let mut text = format!("table inet {table}\ndelete table inet {table}\n");
     if interfaces.is_empty() {
         return text;
     }
     let set = interfaces
         .iter()
-        .map(|i| format!("\"{i}\""))
+        .map(|i| format!("\"{}\"", i.name))
         .collect::<Vec<_>>()
         .join(", ");
+    let accepts: String = interfaces
+        .iter()
+        .filter_map(|i| {
+            let a = i.accepts?;
+            let family = if a.is_ipv4() { "ip" } else { "ip6" };
+            Some(format!(
+                "\t\tiifname \"{}\" {family} daddr {} tcp dport {} accept\n",
+                i.name,
+                a.ip(),
+                a.port()
+            ))
+        })
+        .collect();
     text.push_str(&format!(
         "table inet {table} {{\n\
          \tchain input {{\n\
          \t\ttype filter hook input priority -10; policy accept;\n\
          \t\tiifname {{ {set} }} ct state established,related accept\n\
+         {accepts}\
          \t\tiifname {{ {set} }} drop\n\
          \t}}\n\
          \tchain forward {{\n\
@@ -78,7 +102,21 @@ mod tests {
 
     #[test]
     fn rules_name_every_interface_and_drop_the_rest() {
-        let text = ruleset("t", &["pcm1", "pcm2"]);
+        let interfaces = [
+            MeshInterface {
+                name: "pcm1",
+                accepts: None,
+            },
+            MeshInterface {
+                name: "pcm2",
+                accepts: Some("100.64.0.1:443".parse().unwrap()),
+            },
+        ];
+        let text = ruleset("t", &interfaces);
+        assert!(text.contains("iifname \"pcm2\" ip daddr 100.64.0.1 tcp dport 443 accept"));
+        assert!(!text.contains("iifname \"pcm1\" ip daddr"));
+        let accept = text.find("tcp dport 443 accept").unwrap();
+        assert!(accept < text.find("iifname { \"pcm1\", \"pcm2\" } drop").unwrap());
         assert!(text.starts_with("table inet t\ndelete table inet t\n"));
         assert!(
             text.contains("iifname { \"pcm1\", \"pcm2\" } ct state established,related accept")

@@ -20,6 +20,8 @@ pub struct MeshSettings {
     pub wg_port: u16,
     /// What peers dial; empty: management uses the address it sees.
     pub endpoint_host: String,
+    /// NB_PROXY_PRIVATE: accept HTTPS on the accounts' tunnel addresses for private services.
+    pub private: bool,
 }
 
 impl MeshSettings {
@@ -59,6 +61,7 @@ impl MeshSettings {
             backend,
             wg_port,
             endpoint_host,
+            private: args.private,
         })
     }
 }
@@ -72,6 +75,7 @@ mod tests {
             backend: backend.into(),
             wg_port: port.into(),
             endpoint_host: String::new(),
+            private: false,
         }
     }
 

@@ -1,0 +1,334 @@
+//! `ValidateTunnelPeer`: a request reached a proxy over the mesh from a tunnel address; is the
+//! peer there (or its user) in a group the service lets in? If so, the answer carries a
+//! session token like a sign-in would, so a proxy can skip the login page.
+
+use std::net::IpAddr;
+
+use proto::session::{SessionClaims, SessionGrant};
+use proto::{ValidateTunnelPeerRequest, ValidateTunnelPeerResponse};
+use tonic::Status;
+
+use super::ProxyServiceImpl;
+use crate::model;
+use crate::store::{ProxyToken, now};
+
+fn store_error(e: impl std::fmt::Display) -> Status {
+    tracing::error!(error = %e, "store error");
+    Status::unavailable("management store unavailable")
+}
+
+fn denied(reason: &str) -> ValidateTunnelPeerResponse {
+    ValidateTunnelPeerResponse {
+        valid: false,
+        denied_reason: reason.to_string(),
+        ..Default::default()
+    }
+}
+
+pub async fn validate_tunnel_peer(
+    svc: &ProxyServiceImpl,
+    token: &ProxyToken,
+    req: ValidateTunnelPeerRequest,
+) -> Result<ValidateTunnelPeerResponse, Status> {
+    let Ok(tunnel_ip) = req.tunnel_ip.trim().parse::<IpAddr>() else {
+        return Ok(denied("invalid_tunnel_ip"));
+    };
+    let domain = req.domain.trim().trim_end_matches('.').to_ascii_lowercase();
+    let found = svc
+        .store
+        .service_auth_by_domain(&domain)
+        .await
+        .map_err(store_error)?;
+    let Some((record, auth)) = found else {
+        return Ok(denied("service_not_found"));
+    };
+    // The account comes from the token: a proxy of one account never learns about another's.
+    if token
+        .account_id
+        .as_deref()
+        .is_some_and(|own| own != record.account_id)
+    {
+        return Ok(denied("account_mismatch"));
+    }
+    let spec = model::spec_of(&record).map_err(store_error)?;
+    // Private services let in their access groups; an SSO service its sign-in groups (the
+    // mesh stands in for the sign-in). Nothing else is opened to mesh peers by this call.
+    let allowed: Option<&[String]> = if spec.private {
+        Some(&spec.access_groups)
+    } else {
+        auth.as_ref().and_then(|a| a.sso_groups.as_deref())
+    };
+    let Some(peer) = svc
+        .store
+        .tunnel_peer(&record.account_id, tunnel_ip)
+        .await
+        .map_err(store_error)?
+    else {
+        return Ok(denied("peer_not_found"));
+    };
+    let (principal, display) = match &peer.user {
+        Some(None) => return Ok(denied("no_user")),
+        Some(Some(user)) => (user.id.clone(), user.email.clone()),
+        None => (peer.peer_id.clone(), peer.peer_name.clone()),
+    };
+    let group_ids: Vec<String> = peer.groups.iter().map(|g| g.id.clone()).collect();
+    let group_names: Vec<String> = peer.groups.iter().map(|g| g.name.clone()).collect();
+    let let_in = match allowed {
+        // A private service always names groups (REST refuses one without); an empty list
+        // here is a damaged record and lets nobody in.
+        Some(groups) if spec.private => group_ids.iter().any(|g| groups.contains(g)),
+        Some(groups) => groups.is_empty() || group_ids.iter().any(|g| groups.contains(g)),
+        None => false,
+    };
+    if !let_in {
+        tracing::debug!(%domain, %tunnel_ip, peer = %peer.peer_id, "tunnel peer not in the service's groups");
+        return Ok(ValidateTunnelPeerResponse {
+            user_id: principal,
+            user_email: display,
+            peer_group_ids: group_ids,
+            peer_group_names: group_names,
+            ..denied("not_in_group")
+        });
+    }
+    let Some(auth) = auth else {
+        tracing::error!(service = %record.id, "a service open to mesh peers has no session key");
+        return Err(Status::internal("the service has no session key"));
+    };
+    let grant = SessionGrant {
+        user_id: principal.clone(),
+        email: display.clone(),
+        domain: record.domain.clone(),
+        method: "oidc".into(),
+        groups: group_ids.clone(),
+        group_names: group_names.clone(),
+        max_age_secs: auth.max_session_age,
+    };
+    let session_token = proto::session::sign(
+        &SessionClaims::new(&grant, now()),
+        &auth.session_private_key,
+    )
+    .map_err(|e| {
+        tracing::error!(service = %record.id, error = %e, "session not signed");
+        Status::internal("cannot sign the session")
+    })?;
+    tracing::debug!(%domain, %tunnel_ip, peer = %peer.peer_id, "tunnel peer let in");
+    Ok(ValidateTunnelPeerResponse {
+        valid: true,
+        user_id: principal,
+        user_email: display,
+        denied_reason: String::new(),
+        session_token,
+        peer_group_ids: group_ids,
+        peer_group_names: group_names,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use proto::session::SessionVerifier;
+
+    use super::*;
+    use crate::events::ChangeBus;
+    use crate::model::auth::AuthInput;
+    use crate::store::{
+        NewPeer, PeerAccess, PeerKind, Role, ServiceRecord, ServiceStatus, generate_wg_keypair,
+        test_store,
+    };
+
+    async fn ask(
+        svc: &ProxyServiceImpl,
+        token: &ProxyToken,
+        ip: &str,
+        domain: &str,
+    ) -> Result<ValidateTunnelPeerResponse, Status> {
+        let req = ValidateTunnelPeerRequest {
+            tunnel_ip: ip.into(),
+            domain: domain.into(),
+        };
+        validate_tunnel_peer(svc, token, req).await
+    }
+
+    #[tokio::test]
+    async fn peers_are_let_in_by_their_own_or_their_users_groups() {
+        let store = test_store().await;
+        let a = store.create_account("a").await.unwrap().id;
+        let b = store.create_account("b").await.unwrap().id;
+        let staff = store.create_group(&a, "staff", "api").await.unwrap();
+        let ops = store.create_group(&a, "ops", "api").await.unwrap();
+        let spec = serde_json::json!({"mode": "http", "listen_port": 0, "targets": [],
+            "pass_host_header": false, "rewrite_redirects": false,
+            "private": true, "access_groups": [staff.id]});
+        let service = ServiceRecord {
+            id: "svc1".into(),
+            account_id: a.clone(),
+            name: "app".into(),
+            domain: "app.proxy.example".into(),
+            cluster_address: "proxy.example".into(),
+            spec: spec.to_string(),
+            enabled: true,
+            status: ServiceStatus::Active,
+            status_message: None,
+            certificate_issued: false,
+            created_at: 0,
+            updated_at: 0,
+        };
+        store.insert_service(&service).await.unwrap();
+        let keys = crate::credentials::prepare(AuthInput::default(), None)
+            .await
+            .unwrap();
+        store
+            .put_service_auth(&service.id, Some(&keys))
+            .await
+            .unwrap();
+        let user = store
+            .create_user(&a, "u@example.test", Role::User)
+            .await
+            .unwrap();
+        let peer = |name: &'static str| NewPeer {
+            account_id: &a,
+            name,
+            public_key: Box::leak(generate_wg_keypair().1.into_boxed_str()),
+            kind: PeerKind::Agent,
+            proxy_id: None,
+            cluster_address: None,
+            hashed_token: None,
+            setup_key_id: None,
+        };
+        let laptop = store.insert_mesh_peer(&peer("laptop")).await.unwrap();
+        let server = store.insert_mesh_peer(&peer("server")).await.unwrap();
+        let (own, _) = store.create_proxy_token(Some(&a), "a", None).await.unwrap();
+        let (other, _) = store.create_proxy_token(Some(&b), "b", None).await.unwrap();
+        let svc = ProxyServiceImpl {
+            store,
+            bus: ChangeBus::new(),
+            heartbeat: Duration::from_secs(60),
+            sso: crate::oidc::sign_in::Sso::for_tests(),
+        };
+        let laptop_ip = laptop.tunnel_ip.to_string();
+        let r = ask(&svc, &own, &laptop_ip, "app.proxy.example")
+            .await
+            .unwrap();
+        assert_eq!((r.valid, r.denied_reason.as_str()), (false, "not_in_group"));
+        assert_eq!(
+            r.user_email, "laptop",
+            "a peer without a user is named by itself"
+        );
+
+        // The laptop's user is in the group: let in as that user, with a token for the domain.
+        svc.store
+            .set_peer_access(
+                &a,
+                &laptop.id,
+                &PeerAccess {
+                    user_id: Some(user.id.clone()),
+                    groups: vec![],
+                },
+            )
+            .await
+            .unwrap();
+        svc.store
+            .set_user_auto_groups(&a, &user.id, std::slice::from_ref(&staff.id))
+            .await
+            .unwrap();
+        let r = ask(&svc, &own, &laptop_ip, "APP.proxy.example.")
+            .await
+            .unwrap();
+        assert!(r.valid, "{r:?}");
+        assert_eq!(
+            (r.user_id.as_str(), r.user_email.as_str()),
+            (user.id.as_str(), "u@example.test")
+        );
+        assert_eq!(r.peer_group_names, ["staff"]);
+        let verifier = SessionVerifier::from_base64(&keys.session_public_key).unwrap();
+        let claims = verifier
+            .verify(&r.session_token, "app.proxy.example", now())
+            .expect("a session for the service");
+        assert_eq!(claims.email, "u@example.test");
+
+        // A machine peer in another group; then in the group itself.
+        let server_ip = server.tunnel_ip.to_string();
+        svc.store
+            .set_peer_access(
+                &a,
+                &server.id,
+                &PeerAccess {
+                    user_id: None,
+                    groups: vec![ops.id.clone()],
+                },
+            )
+            .await
+            .unwrap();
+        assert_eq!(
+            ask(&svc, &own, &server_ip, "app.proxy.example")
+                .await
+                .unwrap()
+                .denied_reason,
+            "not_in_group"
+        );
+        svc.store
+            .set_peer_access(
+                &a,
+                &server.id,
+                &PeerAccess {
+                    user_id: None,
+                    groups: vec![staff.id.clone()],
+                },
+            )
+            .await
+            .unwrap();
+        let r = ask(&svc, &own, &server_ip, "app.proxy.example")
+            .await
+            .unwrap();
+        assert!(r.valid && r.user_id == server.id, "{r:?}");
+
+        // Refusals: unknown address, unknown domain, another account's token, a vanished user.
+        assert_eq!(
+            ask(&svc, &own, "100.64.9.9", "app.proxy.example")
+                .await
+                .unwrap()
+                .denied_reason,
+            "peer_not_found"
+        );
+        assert_eq!(
+            ask(&svc, &own, "nonsense", "app.proxy.example")
+                .await
+                .unwrap()
+                .denied_reason,
+            "invalid_tunnel_ip"
+        );
+        assert_eq!(
+            ask(&svc, &own, &laptop_ip, "nope.proxy.example")
+                .await
+                .unwrap()
+                .denied_reason,
+            "service_not_found"
+        );
+        assert_eq!(
+            ask(&svc, &other, &laptop_ip, "app.proxy.example")
+                .await
+                .unwrap()
+                .denied_reason,
+            "account_mismatch"
+        );
+        svc.store
+            .set_peer_access(
+                &a,
+                &laptop.id,
+                &PeerAccess {
+                    user_id: Some("gone".into()),
+                    groups: vec![staff.id.clone()],
+                },
+            )
+            .await
+            .unwrap();
+        assert_eq!(
+            ask(&svc, &own, &laptop_ip, "app.proxy.example")
+                .await
+                .unwrap()
+                .denied_reason,
+            "no_user"
+        );
+    }
+}
