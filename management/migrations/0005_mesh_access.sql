@@ -5,3 +5,5 @@ ALTER TABLE mesh_peers ADD COLUMN user_id TEXT;
 ALTER TABLE mesh_peers ADD COLUMN peer_groups TEXT;
 ALTER TABLE users ADD COLUMN auto_groups TEXT;
 CREATE INDEX mesh_peers_user ON mesh_peers (user_id);
+-- Where mesh peers reach a private service, as its proxy reported it (JSON), for REST.
+ALTER TABLE services ADD COLUMN inbound_listener TEXT;

@@ -59,6 +59,14 @@ impl ProxyServiceImpl {
     }
 }
 
+/// The inbound listener a proxy reported, as stored; a nonsensical one is ignored.
+fn inbound_json(l: Option<&proto::ProxyInboundListener>) -> Option<String> {
+    let l = l?;
+    let ip: std::net::IpAddr = l.tunnel_ip.trim().parse().ok()?;
+    let port = u16::try_from(l.https_port).ok().filter(|p| *p != 0)?;
+    Some(serde_json::json!({"tunnel_ip": ip.to_string(), "https_port": port}).to_string())
+}
+
 #[tonic::async_trait]
 impl ProxyService for ProxyServiceImpl {
     type GetMappingUpdateStream = mappings::ResponseStream<GetMappingUpdateResponse>;
@@ -117,6 +125,7 @@ impl ProxyService for ProxyServiceImpl {
                 status,
                 update.error_message.as_deref(),
                 update.certificate_issued,
+                inbound_json(update.inbound_listener.as_ref()).as_deref(),
             )
             .await
             .map_err(|e| {

@@ -426,6 +426,11 @@ pub fn parse_go_duration(s: &str) -> Option<Duration> {
 
 /// DNS name check shared with proxy registration: true for a valid name (a leading `*.` is
 /// allowed).
+/// Names and emails end up in HTTP headers (`X-NetBird-User`) and logs: no control characters.
+pub fn has_control_chars(s: &str) -> bool {
+    s.chars().any(char::is_control)
+}
+
 pub fn is_valid_domain(domain: &str) -> bool {
     let name = domain.strip_prefix("*.").unwrap_or(domain);
     if name.is_empty() || name.len() > 253 {
@@ -585,6 +590,24 @@ pub fn removed_mapping(record: &ServiceRecord) -> ProxyMapping {
 mod tests {
     use super::*;
 
+    fn record_of(spec: &ServiceSpec) -> ServiceRecord {
+        ServiceRecord {
+            id: "id".into(),
+            account_id: "acc".into(),
+            name: "n".into(),
+            domain: "s.a.example".into(),
+            cluster_address: "a.example".into(),
+            spec: serde_json::to_string(spec).unwrap(),
+            enabled: true,
+            status: crate::store::ServiceStatus::Pending,
+            status_message: None,
+            certificate_issued: false,
+            created_at: 0,
+            updated_at: 0,
+            inbound_listener: None,
+        }
+    }
+
     fn request(json: serde_json::Value) -> Result<ValidService, Invalid> {
         serde_json::from_value::<ServiceRequest>(json)
             .unwrap()
@@ -682,21 +705,7 @@ mod tests {
             "targets": [{"target_type": "host", "protocol": "http", "host": "10.0.0.1", "port": 80}]});
         let ok = request(base.clone()).unwrap();
         assert_eq!(ok.spec.access_groups, ["g1", "g2"]);
-        let rec = ServiceRecord {
-            id: "id".into(),
-            account_id: "acc".into(),
-            name: "s".into(),
-            domain: "s.a.example".into(),
-            cluster_address: "a.example".into(),
-            spec: serde_json::to_string(&ok.spec).unwrap(),
-            enabled: true,
-            status: crate::store::ServiceStatus::Pending,
-            status_message: None,
-            certificate_issued: false,
-            created_at: 0,
-            updated_at: 0,
-        };
-        assert!(to_mapping(&rec).unwrap().private);
+        assert!(to_mapping(&record_of(&ok.spec)).unwrap().private);
         let mut none = base.clone();
         none["access_groups"] = serde_json::json!([]);
         assert!(request(none).unwrap_err().0.contains("needs access_groups"));
@@ -739,21 +748,7 @@ mod tests {
             private: false,
             access_groups: Vec::new(),
         };
-        let rec = ServiceRecord {
-            id: "id".into(),
-            account_id: "acc".into(),
-            name: "n".into(),
-            domain: "s.a.example".into(),
-            cluster_address: "a.example".into(),
-            spec: serde_json::to_string(&spec).unwrap(),
-            enabled: true,
-            status: crate::store::ServiceStatus::Pending,
-            status_message: None,
-            certificate_issued: false,
-            created_at: 0,
-            updated_at: 0,
-        };
-        let m = to_mapping(&rec).unwrap();
+        let m = to_mapping(&record_of(&spec)).unwrap();
         assert_eq!(m.path[0].target, "http://10.0.0.1/");
         assert_eq!(m.path[0].path, "/api");
         let o = m.path[0].options.as_ref().unwrap();

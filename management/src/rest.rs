@@ -364,7 +364,7 @@ async fn create_user(
             "cannot grant a role above your own",
         ));
     }
-    if !req.email.contains('@') {
+    if !req.email.contains('@') || crate::model::has_control_chars(&req.email) {
         return Err(ApiError::unprocessable("email is not valid"));
     }
     let user = st

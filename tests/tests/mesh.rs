@@ -1122,7 +1122,7 @@ fn private_services_over_the_mesh() {
                 "targets": [target], "private": true, "access_groups": [group["id"]]})),
         )
     };
-    private("team", &staff);
+    let team = private("team", &staff);
     private("ops", &ops);
     private("late", &staff);
     // The proxy joins the account's mesh once it has a service there.
@@ -1166,6 +1166,24 @@ fn private_services_over_the_mesh() {
         last.unwrap().1,
         "user=dev@example.test groups=staff",
         "the target sees who asked"
+    );
+    // The proxy told management where peers reach the service.
+    let reported = poll(Duration::from_secs(10), || {
+        let v = api.ok(
+            "GET",
+            &format!(
+                "/api/reverse-proxies/services/{}",
+                team["id"].as_str().unwrap()
+            ),
+            None,
+        );
+        let l = v["meta"]["inbound_listener"].clone();
+        (!l.is_null()).then_some(l)
+    })
+    .expect("the inbound listener reported");
+    assert_eq!(
+        reported,
+        json!({"tunnel_ip": proxy_ip, "https_port": proxy.https_port})
     );
     // A group the peer is not in.
     let (status, _) = over_mesh("ops.mesh.test").expect("ops over the mesh");

@@ -189,9 +189,9 @@ impl Agent for AgentService {
         }
         let name = req.name.trim();
         let name = if name.is_empty() { "agent" } else { name };
-        if name.len() > 255 {
+        if name.len() > 255 || crate::model::has_control_chars(name) {
             return Err(Status::invalid_argument(
-                "name must be at most 255 characters",
+                "name must be at most 255 characters, without control characters",
             ));
         }
         match self

@@ -58,18 +58,25 @@ pub async fn authenticate(
         max_age_secs: auth.max_session_age,
         ..Default::default()
     };
-    let token = proto::session::sign(
-        &SessionClaims::new(&grant, now()),
-        &auth.session_private_key,
-    )
-    .map_err(|e| {
-        tracing::error!(service = %record.id, error = %e, "session not signed");
-        Status::internal("cannot sign the session")
-    })?;
+    let token = sign_session(&record.id, &grant, &auth)?;
     Ok(AuthenticateResponse {
         success: true,
         session_token: token,
     })
+}
+
+/// A session token for `grant`, signed with the service's private key.
+pub(super) fn sign_session(
+    service_id: &str,
+    grant: &SessionGrant,
+    auth: &ServiceAuthRow,
+) -> Result<String, Status> {
+    proto::session::sign(&SessionClaims::new(grant, now()), &auth.session_private_key).map_err(
+        |e| {
+            tracing::error!(service = %service_id, error = %e, "session not signed");
+            Status::internal("cannot sign the session")
+        },
+    )
 }
 
 fn refused() -> AuthenticateResponse {
@@ -282,6 +289,7 @@ mod tests {
             certificate_issued: false,
             created_at: 0,
             updated_at: 0,
+            inbound_listener: None,
         };
         store.insert_service(&service).await.unwrap();
         let row = credentials::prepare(

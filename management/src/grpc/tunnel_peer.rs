@@ -4,13 +4,13 @@
 
 use std::net::IpAddr;
 
-use proto::session::{SessionClaims, SessionGrant};
+use proto::session::SessionGrant;
 use proto::{ValidateTunnelPeerRequest, ValidateTunnelPeerResponse};
 use tonic::Status;
 
 use super::ProxyServiceImpl;
 use crate::model;
-use crate::store::{ProxyToken, now};
+use crate::store::ProxyToken;
 
 fn store_error(e: impl std::fmt::Display) -> Status {
     tracing::error!(error = %e, "store error");
@@ -33,6 +33,7 @@ pub async fn validate_tunnel_peer(
     let Ok(tunnel_ip) = req.tunnel_ip.trim().parse::<IpAddr>() else {
         return Ok(denied("invalid_tunnel_ip"));
     };
+    let tunnel_ip = tunnel_ip.to_canonical();
     let domain = req.domain.trim().trim_end_matches('.').to_ascii_lowercase();
     let found = svc
         .store
@@ -69,6 +70,9 @@ pub async fn validate_tunnel_peer(
     let (principal, display) = match &peer.user {
         Some(None) => return Ok(denied("no_user")),
         Some(Some(user)) => (user.id.clone(), user.email.clone()),
+        // Machines are let into private services by their groups; a session that stands in
+        // for a person's single sign-on needs a person.
+        None if !spec.private => return Ok(denied("no_user")),
         None => (peer.peer_id.clone(), peer.peer_name.clone()),
     };
     let group_ids: Vec<String> = peer.groups.iter().map(|g| g.id.clone()).collect();
@@ -103,14 +107,7 @@ pub async fn validate_tunnel_peer(
         group_names: group_names.clone(),
         max_age_secs: auth.max_session_age,
     };
-    let session_token = proto::session::sign(
-        &SessionClaims::new(&grant, now()),
-        &auth.session_private_key,
-    )
-    .map_err(|e| {
-        tracing::error!(service = %record.id, error = %e, "session not signed");
-        Status::internal("cannot sign the session")
-    })?;
+    let session_token = super::auth::sign_session(&record.id, &grant, &auth)?;
     tracing::debug!(%domain, %tunnel_ip, peer = %peer.peer_id, "tunnel peer let in");
     Ok(ValidateTunnelPeerResponse {
         valid: true,
@@ -133,8 +130,8 @@ mod tests {
     use crate::events::ChangeBus;
     use crate::model::auth::AuthInput;
     use crate::store::{
-        NewPeer, PeerAccess, PeerKind, Role, ServiceRecord, ServiceStatus, generate_wg_keypair,
-        test_store,
+        NewPeer, PeerAccess, PeerKind, Role, ServiceRecord, ServiceStatus, Store,
+        generate_wg_keypair, test_store,
     };
 
     async fn ask(
@@ -142,12 +139,41 @@ mod tests {
         token: &ProxyToken,
         ip: &str,
         domain: &str,
-    ) -> Result<ValidateTunnelPeerResponse, Status> {
+    ) -> ValidateTunnelPeerResponse {
         let req = ValidateTunnelPeerRequest {
             tunnel_ip: ip.into(),
             domain: domain.into(),
         };
-        validate_tunnel_peer(svc, token, req).await
+        validate_tunnel_peer(svc, token, req).await.unwrap()
+    }
+
+    async fn set_access(
+        store: &Store,
+        account: &str,
+        peer: &str,
+        user: Option<&str>,
+        groups: &[&str],
+    ) {
+        let access = PeerAccess {
+            user_id: user.map(str::to_string),
+            groups: groups.iter().map(|g| g.to_string()).collect(),
+        };
+        assert!(store.set_peer_access(account, peer, &access).await.unwrap());
+    }
+
+    async fn agent(store: &Store, account: &str, name: &str) -> crate::store::MeshPeer {
+        let key = generate_wg_keypair().1;
+        let peer = NewPeer {
+            account_id: account,
+            name,
+            public_key: &key,
+            kind: PeerKind::Agent,
+            proxy_id: None,
+            cluster_address: None,
+            hashed_token: None,
+            setup_key_id: None,
+        };
+        store.insert_mesh_peer(&peer).await.unwrap()
     }
 
     #[tokio::test]
@@ -155,11 +181,11 @@ mod tests {
         let store = test_store().await;
         let a = store.create_account("a").await.unwrap().id;
         let b = store.create_account("b").await.unwrap().id;
-        let staff = store.create_group(&a, "staff", "api").await.unwrap();
-        let ops = store.create_group(&a, "ops", "api").await.unwrap();
+        let staff = store.create_group(&a, "staff", "api").await.unwrap().id;
+        let ops = store.create_group(&a, "ops", "api").await.unwrap().id;
         let spec = serde_json::json!({"mode": "http", "listen_port": 0, "targets": [],
             "pass_host_header": false, "rewrite_redirects": false,
-            "private": true, "access_groups": [staff.id]});
+            "private": true, "access_groups": [staff]});
         let service = ServiceRecord {
             id: "svc1".into(),
             account_id: a.clone(),
@@ -173,6 +199,7 @@ mod tests {
             certificate_issued: false,
             created_at: 0,
             updated_at: 0,
+            inbound_listener: None,
         };
         store.insert_service(&service).await.unwrap();
         let keys = crate::credentials::prepare(AuthInput::default(), None)
@@ -186,18 +213,8 @@ mod tests {
             .create_user(&a, "u@example.test", Role::User)
             .await
             .unwrap();
-        let peer = |name: &'static str| NewPeer {
-            account_id: &a,
-            name,
-            public_key: Box::leak(generate_wg_keypair().1.into_boxed_str()),
-            kind: PeerKind::Agent,
-            proxy_id: None,
-            cluster_address: None,
-            hashed_token: None,
-            setup_key_id: None,
-        };
-        let laptop = store.insert_mesh_peer(&peer("laptop")).await.unwrap();
-        let server = store.insert_mesh_peer(&peer("server")).await.unwrap();
+        let laptop = agent(&store, &a, "laptop").await;
+        let server = agent(&store, &a, "server").await;
         let (own, _) = store.create_proxy_token(Some(&a), "a", None).await.unwrap();
         let (other, _) = store.create_proxy_token(Some(&b), "b", None).await.unwrap();
         let svc = ProxyServiceImpl {
@@ -206,10 +223,9 @@ mod tests {
             heartbeat: Duration::from_secs(60),
             sso: crate::oidc::sign_in::Sso::for_tests(),
         };
-        let laptop_ip = laptop.tunnel_ip.to_string();
-        let r = ask(&svc, &own, &laptop_ip, "app.proxy.example")
-            .await
-            .unwrap();
+        let (laptop_ip, server_ip) = (laptop.tunnel_ip.to_string(), server.tunnel_ip.to_string());
+        let domain = "app.proxy.example";
+        let r = ask(&svc, &own, &laptop_ip, domain).await;
         assert_eq!((r.valid, r.denied_reason.as_str()), (false, "not_in_group"));
         assert_eq!(
             r.user_email, "laptop",
@@ -217,24 +233,14 @@ mod tests {
         );
 
         // The laptop's user is in the group: let in as that user, with a token for the domain.
-        svc.store
-            .set_peer_access(
-                &a,
-                &laptop.id,
-                &PeerAccess {
-                    user_id: Some(user.id.clone()),
-                    groups: vec![],
-                },
-            )
-            .await
-            .unwrap();
-        svc.store
-            .set_user_auto_groups(&a, &user.id, std::slice::from_ref(&staff.id))
-            .await
-            .unwrap();
-        let r = ask(&svc, &own, &laptop_ip, "APP.proxy.example.")
-            .await
-            .unwrap();
+        set_access(&svc.store, &a, &laptop.id, Some(&user.id), &[]).await;
+        assert!(
+            svc.store
+                .set_user_auto_groups(&a, &user.id, std::slice::from_ref(&staff))
+                .await
+                .unwrap()
+        );
+        let r = ask(&svc, &own, &laptop_ip, "APP.proxy.example.").await;
         assert!(r.valid, "{r:?}");
         assert_eq!(
             (r.user_id.as_str(), r.user_email.as_str()),
@@ -243,91 +249,37 @@ mod tests {
         assert_eq!(r.peer_group_names, ["staff"]);
         let verifier = SessionVerifier::from_base64(&keys.session_public_key).unwrap();
         let claims = verifier
-            .verify(&r.session_token, "app.proxy.example", now())
+            .verify(&r.session_token, domain, crate::store::now())
             .expect("a session for the service");
         assert_eq!(claims.email, "u@example.test");
 
         // A machine peer in another group; then in the group itself.
-        let server_ip = server.tunnel_ip.to_string();
-        svc.store
-            .set_peer_access(
-                &a,
-                &server.id,
-                &PeerAccess {
-                    user_id: None,
-                    groups: vec![ops.id.clone()],
-                },
-            )
-            .await
-            .unwrap();
+        set_access(&svc.store, &a, &server.id, None, &[&ops]).await;
         assert_eq!(
-            ask(&svc, &own, &server_ip, "app.proxy.example")
-                .await
-                .unwrap()
-                .denied_reason,
+            ask(&svc, &own, &server_ip, domain).await.denied_reason,
             "not_in_group"
         );
-        svc.store
-            .set_peer_access(
-                &a,
-                &server.id,
-                &PeerAccess {
-                    user_id: None,
-                    groups: vec![staff.id.clone()],
-                },
-            )
-            .await
-            .unwrap();
-        let r = ask(&svc, &own, &server_ip, "app.proxy.example")
-            .await
-            .unwrap();
+        set_access(&svc.store, &a, &server.id, None, &[&staff]).await;
+        let r = ask(&svc, &own, &server_ip, domain).await;
         assert!(r.valid && r.user_id == server.id, "{r:?}");
 
         // Refusals: unknown address, unknown domain, another account's token, a vanished user.
+        let refusals = [
+            (&own, "100.64.9.9", domain, "peer_not_found"),
+            (&own, "nonsense", domain, "invalid_tunnel_ip"),
+            (&own, &laptop_ip, "nope.proxy.example", "service_not_found"),
+            (&other, &laptop_ip, domain, "account_mismatch"),
+        ];
+        for (token, ip, d, want) in refusals {
+            assert_eq!(
+                ask(&svc, token, ip, d).await.denied_reason,
+                want,
+                "{ip} {d}"
+            );
+        }
+        set_access(&svc.store, &a, &laptop.id, Some("gone"), &[&staff]).await;
         assert_eq!(
-            ask(&svc, &own, "100.64.9.9", "app.proxy.example")
-                .await
-                .unwrap()
-                .denied_reason,
-            "peer_not_found"
-        );
-        assert_eq!(
-            ask(&svc, &own, "nonsense", "app.proxy.example")
-                .await
-                .unwrap()
-                .denied_reason,
-            "invalid_tunnel_ip"
-        );
-        assert_eq!(
-            ask(&svc, &own, &laptop_ip, "nope.proxy.example")
-                .await
-                .unwrap()
-                .denied_reason,
-            "service_not_found"
-        );
-        assert_eq!(
-            ask(&svc, &other, &laptop_ip, "app.proxy.example")
-                .await
-                .unwrap()
-                .denied_reason,
-            "account_mismatch"
-        );
-        svc.store
-            .set_peer_access(
-                &a,
-                &laptop.id,
-                &PeerAccess {
-                    user_id: Some("gone".into()),
-                    groups: vec![staff.id.clone()],
-                },
-            )
-            .await
-            .unwrap();
-        assert_eq!(
-            ask(&svc, &own, &laptop_ip, "app.proxy.example")
-                .await
-                .unwrap()
-                .denied_reason,
+            ask(&svc, &own, &laptop_ip, domain).await.denied_reason,
             "no_user"
         );
     }

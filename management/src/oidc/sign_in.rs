@@ -16,6 +16,7 @@ use super::discovery::DiscoveryCache;
 use super::http::json_answer;
 use super::id_token::{self, Expected};
 use super::{HttpClient, OidcError, form_encode};
+use crate::model;
 use crate::secrets;
 use crate::store::{PendingSignIn, SignedInUser, Store, StoreError, now};
 
@@ -314,7 +315,7 @@ fn signed_in_user(
             .get(name)
             .and_then(Value::as_str)
             .map(str::trim)
-            .filter(|s| !s.is_empty() && s.len() <= MAX_NAME)
+            .filter(|s| !s.is_empty() && s.len() <= MAX_NAME && !model::has_control_chars(s))
     };
     let subject = text("sub").ok_or(SignInError::Claim("sub"))?;
     let email = text("email")
@@ -328,7 +329,11 @@ fn signed_in_user(
     };
     for name in raw {
         let name = name.trim();
-        if name.is_empty() || name.len() > MAX_NAME || group_names.iter().any(|g| g == name) {
+        if name.is_empty()
+            || name.len() > MAX_NAME
+            || model::has_control_chars(name)
+            || group_names.iter().any(|g| g == name)
+        {
             continue;
         }
         if group_names.len() == MAX_GROUPS {

@@ -152,9 +152,9 @@ pub async fn create(
 ) -> ApiResult<(StatusCode, Json<serde_json::Value>)> {
     caller.require_admin()?;
     let name = req.name.trim();
-    if name.is_empty() || name.len() > 255 {
+    if name.is_empty() || name.len() > 255 || crate::model::has_control_chars(name) {
         return Err(ApiError::unprocessable(
-            "name is required and must be at most 255 characters",
+            "name is required and must be at most 255 characters, without control characters",
         ));
     }
     let given = req

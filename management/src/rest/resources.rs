@@ -8,7 +8,7 @@ use serde::Deserialize;
 use serde_json::json;
 
 use super::{ApiError, ApiResult, AppState, Caller, JsonBody, rfc3339};
-use crate::store::{PeerKind, Resource, ResourceKind};
+use crate::store::{Cidr, PeerKind, Resource, ResourceKind};
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -57,6 +57,22 @@ pub async fn create(
     let address = kind
         .normalise(&req.address)
         .map_err(ApiError::unprocessable)?;
+    // A routed network inside the tunnel range would let its routing peer send from other
+    // peers' tunnel addresses, which vouch for who they are (NetBird-only services).
+    if let Some(range) = st.store.tunnel_range(account).await? {
+        let overlaps = match kind {
+            ResourceKind::Host => address.parse().is_ok_and(|ip| range.contains(ip)),
+            ResourceKind::Subnet => Cidr::parse(&address)
+                .is_ok_and(|net| range.contains(net.network()) || net.contains(range.network())),
+            ResourceKind::Domain => false,
+        };
+        if overlaps {
+            return Err(ApiError::unprocessable(format!(
+                "{address} overlaps the account's tunnel range {range}; peers are reached by \
+                 their own tunnel addresses"
+            )));
+        }
+    }
     let peer_id = req.peer_id.trim();
     match st.store.mesh_peer(account, peer_id).await? {
         Some(p) if p.kind != PeerKind::Proxy => {}

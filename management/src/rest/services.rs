@@ -34,6 +34,10 @@ fn service_json(r: &ServiceRecord) -> serde_json::Value {
             "status": r.status,
             "status_message": r.status_message,
             "certificate_issued": r.certificate_issued,
+            "inbound_listener": r
+                .inbound_listener
+                .as_deref()
+                .and_then(|l| serde_json::from_str::<serde_json::Value>(l).ok()),
         },
     })
 }
@@ -163,6 +167,7 @@ pub async fn create(
         certificate_issued: false,
         created_at: t,
         updated_at: t,
+        inbound_listener: None,
     };
     st.store.insert_service(&record).await?;
     if let Err(e) = st.store.put_service_auth(&record.id, auth.as_ref()).await {
@@ -365,6 +370,69 @@ mod tests {
 
     fn caller(c: &Caller) -> Caller {
         Caller(c.0.clone())
+    }
+
+    #[tokio::test]
+    async fn private_services_keep_a_session_key_and_their_groups() {
+        let (st, owner) = state().await;
+        let private = |groups: serde_json::Value| {
+            JsonBody(
+                serde_json::from_value::<ServiceRequest>(json!({
+                    "name": "team", "domain": "team.proxy.example", "private": true,
+                    "access_groups": groups,
+                    "targets": [{"target_type": "host", "protocol": "http", "host": "10.0.0.1", "port": 80}],
+                }))
+                .unwrap(),
+            )
+        };
+        let e = create(State(st.clone()), caller(&owner), private(json!(["nope"])))
+            .await
+            .unwrap_err();
+        assert!(
+            e.message.contains("access_groups: no group"),
+            "{}",
+            e.message
+        );
+        let staff = st
+            .store
+            .create_group(owner.account(), "staff", "api")
+            .await
+            .unwrap();
+        let Json(created) = create(
+            State(st.clone()),
+            caller(&owner),
+            private(json!([staff.id])),
+        )
+        .await
+        .unwrap_or_else(|e| panic!("{}", e.message));
+        assert_eq!(
+            (
+                created["private"].clone(),
+                created["access_groups"][0].clone()
+            ),
+            (json!(true), json!(staff.id))
+        );
+        let id = created["id"].as_str().unwrap();
+        let keys = st.store.service_auth(id).await.unwrap();
+        assert!(
+            keys.is_some_and(|k| k.password_hash.is_none() && !k.session_private_key.is_empty())
+        );
+        let record = st
+            .store
+            .service(owner.account(), id)
+            .await
+            .unwrap()
+            .unwrap();
+        let mapping = st.store.mapping_for(&record).await.unwrap();
+        assert!(mapping.private && mapping.auth.is_none(), "{mapping:?}");
+        let e = super::super::sso::delete_group(
+            State(st.clone()),
+            caller(&owner),
+            Path(staff.id.clone()),
+        )
+        .await
+        .unwrap_err();
+        assert_eq!(e.status, StatusCode::CONFLICT);
     }
 
     #[tokio::test]

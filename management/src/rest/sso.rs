@@ -142,6 +142,9 @@ async fn service_using(
     Ok(None)
 }
 
+/// Peers put in a new group by one request, at most.
+const MAX_GROUP_PEERS: usize = 10_000;
+
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct GroupRequest {
@@ -165,10 +168,15 @@ pub async fn create_group(
 ) -> ApiResult<Json<serde_json::Value>> {
     caller.require_admin()?;
     let name = req.name.trim();
-    if name.is_empty() || name.len() > 256 {
+    if name.is_empty() || name.len() > 256 || model::has_control_chars(name) {
         return Err(ApiError::unprocessable(
-            "name is required (at most 256 characters)",
+            "name is required (at most 256 characters, no control characters)",
         ));
+    }
+    if req.peers.len() > MAX_GROUP_PEERS {
+        return Err(ApiError::unprocessable(format!(
+            "peers: at most {MAX_GROUP_PEERS} at once"
+        )));
     }
     let mut members = Vec::with_capacity(req.peers.len());
     for id in &req.peers {

@@ -55,6 +55,9 @@ pub struct ServiceRecord {
     pub certificate_issued: bool,
     pub created_at: i64,
     pub updated_at: i64,
+    /// Where mesh peers reach a private service, as its proxy last reported it (JSON
+    /// `{"tunnel_ip", "https_port"}`).
+    pub inbound_listener: Option<String>,
 }
 
 /// sqlx takes only static SQL, so the column list is spliced in with `concat!`.
@@ -62,6 +65,13 @@ macro_rules! columns {
     () => {
         "id, account_id, name, domain, cluster_address, spec, enabled, status, \
          status_message, certificate_issued, created_at, updated_at"
+    };
+}
+
+/// What a read takes besides [`columns`].
+macro_rules! read_columns {
+    () => {
+        concat!(columns!(), ", inbound_listener")
     };
 }
 
@@ -146,7 +156,7 @@ impl Store {
     ) -> Result<Option<ServiceRecord>, StoreError> {
         let row = sqlx::query(concat!(
             "SELECT ",
-            columns!(),
+            read_columns!(),
             " FROM services WHERE id = $1 AND account_id = $2"
         ))
         .bind(id)
@@ -163,7 +173,7 @@ impl Store {
     ) -> Result<Option<ServiceRecord>, StoreError> {
         let row = sqlx::query(concat!(
             "SELECT ",
-            columns!(),
+            read_columns!(),
             " FROM services WHERE domain = $1"
         ))
         .bind(domain)
@@ -175,7 +185,7 @@ impl Store {
     pub async fn services(&self, account_id: &str) -> Result<Vec<ServiceRecord>, StoreError> {
         let rows = sqlx::query(concat!(
             "SELECT ",
-            columns!(),
+            read_columns!(),
             " FROM services WHERE account_id = $1 ORDER BY created_at, id"
         ))
         .bind(account_id)
@@ -193,14 +203,14 @@ impl Store {
     ) -> Result<Vec<ServiceRecord>, StoreError> {
         let rows = match account_id {
             Some(a) => {
-                sqlx::query(concat!("SELECT ", columns!(), " FROM services WHERE cluster_address = $1 AND account_id = $2 AND enabled = 1 ORDER BY id"))
+                sqlx::query(concat!("SELECT ", read_columns!(), " FROM services WHERE cluster_address = $1 AND account_id = $2 AND enabled = 1 ORDER BY id"))
                 .bind(cluster)
                 .bind(a)
                 .fetch_all(self.pool())
                 .await?
             }
             None => {
-                sqlx::query(concat!("SELECT ", columns!(), " FROM services WHERE cluster_address = $1 AND enabled = 1 ORDER BY id"))
+                sqlx::query(concat!("SELECT ", read_columns!(), " FROM services WHERE cluster_address = $1 AND enabled = 1 ORDER BY id"))
                 .bind(cluster)
                 .fetch_all(self.pool())
                 .await?
@@ -217,14 +227,16 @@ impl Store {
         status: ServiceStatus,
         message: Option<&str>,
         certificate_issued: bool,
+        inbound_listener: Option<&str>,
     ) -> Result<bool, StoreError> {
         let res = sqlx::query(
-            "UPDATE services SET status = $1, status_message = $2, certificate_issued = $3 \
-             WHERE id = $4 AND account_id = $5",
+            "UPDATE services SET status = $1, status_message = $2, certificate_issued = $3, \
+             inbound_listener = $4 WHERE id = $5 AND account_id = $6",
         )
         .bind(status.as_str())
         .bind(message)
         .bind(i64::from(certificate_issued))
+        .bind(inbound_listener)
         .bind(id)
         .bind(account_id)
         .execute(self.pool())
@@ -249,6 +261,7 @@ fn service_from_row(row: &sqlx::any::AnyRow) -> Result<ServiceRecord, StoreError
             .ok_or_else(|| StoreError::Corrupt(format!("service status {status:?}")))?,
         status_message: row.try_get("status_message")?,
         certificate_issued: cert != 0,
+        inbound_listener: row.try_get("inbound_listener")?,
         created_at: row.try_get("created_at")?,
         updated_at: row.try_get("updated_at")?,
     })

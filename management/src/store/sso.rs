@@ -418,6 +418,7 @@ mod tests {
                 certificate_issued: false,
                 created_at: 0,
                 updated_at: 0,
+                inbound_listener: None,
             })
             .await
             .unwrap();

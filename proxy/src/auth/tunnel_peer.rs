@@ -4,12 +4,15 @@
 //! peer's user) is in one of the service's groups. Anything else is refused: from outside the
 //! mesh, from another account's mesh, unknown peers, and every error (fail closed).
 //!
-//! Answers that let a peer in are remembered per worker for [`TTL`] (denials never are, so a
-//! peer added to a group gets in at once); a peer taken out of a group loses access within it.
+//! Answers are remembered per worker, tied to the WireGuard key of the peer the address
+//! belongs to (a tunnel address handed to a new peer is asked about afresh): a peer let in for
+//! [`PASS_TTL`], a refusal for [`DENY_TTL`] so that a peer outside every group cannot keep
+//! management busy. Taking a peer out of a group takes effect within [`PASS_TTL`].
 
 use std::collections::HashMap;
 use std::net::IpAddr;
 use std::rc::Rc;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use crate::control::auth_calls::AuthCallError;
@@ -19,57 +22,78 @@ use crate::http::gate::Identity;
 use crate::routes::Service;
 
 /// How long a peer that was let in is not asked about again.
-pub const TTL: Duration = Duration::from_secs(30);
-/// Entries per worker; when full, the memory starts over.
+pub const PASS_TTL: Duration = Duration::from_secs(30);
+/// How long a refusal stands before management is asked again.
+pub const DENY_TTL: Duration = Duration::from_secs(5);
+/// Tunnel addresses remembered per worker; when full, the memory starts over.
 pub const CAPACITY: usize = 4096;
+/// Services remembered per address.
+const SERVICES_PER_ADDRESS: usize = 256;
 
 #[derive(Debug)]
 pub enum TunnelVerdict {
     Pass(Rc<Identity>),
     /// Refused, with the reason (for the log).
-    Denied(String),
+    Denied(Rc<str>),
     /// Management could not answer: refused too, but the client may retry.
     Unavailable(AuthCallError),
 }
 
-#[derive(Hash, PartialEq, Eq)]
-struct Key {
-    service_id: Box<str>,
-    tunnel_ip: IpAddr,
+struct AddressEntry {
+    peer_key: Arc<str>,
+    /// Service id → until when, and the identity (`None`: refused).
+    answers: HashMap<Box<str>, (Instant, Answer)>,
+}
+
+#[derive(Clone)]
+enum Answer {
+    Pass(Rc<Identity>),
+    Denied(Rc<str>),
 }
 
 #[derive(Default)]
 pub struct TunnelPeerCache {
-    entries: HashMap<Key, (Instant, Rc<Identity>)>,
+    by_address: HashMap<IpAddr, AddressEntry>,
 }
 
 impl TunnelPeerCache {
-    fn get(&self, service_id: &str, tunnel_ip: IpAddr, now: Instant) -> Option<Rc<Identity>> {
-        let key = Key {
-            service_id: service_id.into(),
-            tunnel_ip,
-        };
-        let (until, identity) = self.entries.get(&key)?;
-        (*until > now).then(|| identity.clone())
+    fn get(&self, ip: IpAddr, peer_key: &str, service_id: &str, now: Instant) -> Option<Answer> {
+        let entry = self.by_address.get(&ip)?;
+        if *entry.peer_key != *peer_key {
+            return None;
+        }
+        let (until, answer) = entry.answers.get(service_id)?;
+        (*until > now).then(|| answer.clone())
     }
 
-    fn insert(&mut self, service_id: &str, tunnel_ip: IpAddr, until: Instant, id: Rc<Identity>) {
-        if self.entries.len() >= CAPACITY {
-            self.entries.clear();
+    fn insert(
+        &mut self,
+        ip: IpAddr,
+        peer_key: &Arc<str>,
+        service_id: &str,
+        until: Instant,
+        answer: Answer,
+    ) {
+        if self.by_address.len() >= CAPACITY && !self.by_address.contains_key(&ip) {
+            self.by_address.clear();
         }
-        let key = Key {
-            service_id: service_id.into(),
-            tunnel_ip,
-        };
-        self.entries.insert(key, (until, id));
+        let entry = self.by_address.entry(ip).or_insert_with(|| AddressEntry {
+            peer_key: peer_key.clone(),
+            answers: HashMap::new(),
+        });
+        if entry.peer_key != *peer_key || entry.answers.len() >= SERVICES_PER_ADDRESS {
+            entry.peer_key = peer_key.clone();
+            entry.answers.clear();
+        }
+        entry.answers.insert(service_id.into(), (until, answer));
     }
 
     pub fn len(&self) -> usize {
-        self.entries.len()
+        self.by_address.len()
     }
 
     pub fn is_empty(&self) -> bool {
-        self.entries.is_empty()
+        self.by_address.is_empty()
     }
 }
 
@@ -88,9 +112,28 @@ pub async fn check(
         return TunnelVerdict::Denied("account_mismatch".into());
     }
     let tunnel_ip = peer.to_canonical();
+    // WireGuard let the packet in only from the peer whose networks hold its source.
+    let peer_key = {
+        let mesh = ctx.shared.mesh.load();
+        let Some(key) = mesh
+            .accounts
+            .get(&**account_id)
+            .and_then(|routes| routes.peer_for(tunnel_ip))
+            .map(|p| p.public_key.clone())
+        else {
+            return TunnelVerdict::Denied("peer_not_found".into());
+        };
+        key
+    };
     let now = Instant::now();
-    if let Some(identity) = ctx.tunnel_peers.borrow().get(&service.id, tunnel_ip, now) {
-        return TunnelVerdict::Pass(identity);
+    let remembered = ctx
+        .tunnel_peers
+        .borrow()
+        .get(tunnel_ip, &peer_key, &service.id, now);
+    match remembered {
+        Some(Answer::Pass(identity)) => return TunnelVerdict::Pass(identity),
+        Some(Answer::Denied(reason)) => return TunnelVerdict::Denied(reason),
+        None => {}
     }
     let answer = ctx
         .shared
@@ -100,9 +143,9 @@ pub async fn check(
             domain: service.domain.clone(),
         })
         .await;
-    match answer {
+    let (answer, ttl) = match answer {
         Ok(r) if r.valid => {
-            let identity = Rc::new(Identity {
+            let identity = Identity {
                 user: if r.user_email.is_empty() {
                     r.user_id.clone()
                 } else {
@@ -111,21 +154,29 @@ pub async fn check(
                 user_id: r.user_id,
                 groups: r.peer_group_names.join(","),
                 method: "tunnel_peer".into(),
-            });
-            ctx.tunnel_peers.borrow_mut().insert(
-                &service.id,
-                tunnel_ip,
-                now + TTL,
-                identity.clone(),
-            );
-            TunnelVerdict::Pass(identity)
+            };
+            (Answer::Pass(Rc::new(identity)), PASS_TTL)
         }
-        Ok(r) => TunnelVerdict::Denied(if r.denied_reason.is_empty() {
-            "denied".into()
-        } else {
-            r.denied_reason
-        }),
-        Err(e) => TunnelVerdict::Unavailable(e),
+        Ok(r) => {
+            let reason = if r.denied_reason.is_empty() {
+                "denied"
+            } else {
+                r.denied_reason.as_str()
+            };
+            (Answer::Denied(Rc::from(reason)), DENY_TTL)
+        }
+        Err(e) => return TunnelVerdict::Unavailable(e),
+    };
+    ctx.tunnel_peers.borrow_mut().insert(
+        tunnel_ip,
+        &peer_key,
+        &service.id,
+        now + ttl,
+        answer.clone(),
+    );
+    match answer {
+        Answer::Pass(identity) => TunnelVerdict::Pass(identity),
+        Answer::Denied(reason) => TunnelVerdict::Denied(reason),
     }
 }
 
@@ -133,19 +184,47 @@ pub async fn check(
 mod tests {
     use super::*;
 
+    fn passed(a: Option<Answer>) -> bool {
+        matches!(a, Some(Answer::Pass(_)))
+    }
+
     #[test]
-    fn remembers_per_service_and_address_until_the_deadline() {
+    fn remembers_per_peer_key_service_and_deadline() {
         let mut c = TunnelPeerCache::default();
         let ip: IpAddr = "100.64.0.2".parse().unwrap();
+        let (k1, k2): (Arc<str>, Arc<str>) = (Arc::from("k1"), Arc::from("k2"));
         let now = Instant::now();
-        c.insert("s1", ip, now + TTL, Rc::new(Identity::default()));
-        assert!(c.get("s1", ip, now).is_some());
-        assert!(c.get("s1", ip, now + TTL).is_none());
-        assert!(c.get("s2", ip, now).is_none());
-        assert!(c.get("s1", "100.64.0.3".parse().unwrap(), now).is_none());
+        let pass = Answer::Pass(Rc::new(Identity::default()));
+        c.insert(ip, &k1, "s1", now + PASS_TTL, pass.clone());
+        c.insert(
+            ip,
+            &k1,
+            "s2",
+            now + DENY_TTL,
+            Answer::Denied(Rc::from("not_in_group")),
+        );
+        assert!(passed(c.get(ip, &k1, "s1", now)));
+        assert!(matches!(c.get(ip, &k1, "s2", now), Some(Answer::Denied(_))));
+        assert!(c.get(ip, &k1, "s1", now + PASS_TTL).is_none(), "expired");
+        assert!(
+            c.get(ip, &k2, "s1", now).is_none(),
+            "the address now belongs to another peer"
+        );
+        assert!(
+            c.get("100.64.0.3".parse().unwrap(), &k1, "s1", now)
+                .is_none()
+        );
+        // The new peer's answer replaces the old peer's.
+        c.insert(ip, &k2, "s3", now + PASS_TTL, pass.clone());
+        assert!(c.get(ip, &k1, "s1", now).is_none());
         for i in 0..CAPACITY * 2 {
-            c.insert(&i.to_string(), ip, now + TTL, Rc::new(Identity::default()));
+            let ip = IpAddr::from((0x6440_0000u32 + i as u32).to_be_bytes());
+            c.insert(ip, &k1, "s", now + PASS_TTL, pass.clone());
             assert!(c.len() <= CAPACITY);
         }
+        for i in 0..SERVICES_PER_ADDRESS * 2 {
+            c.insert(ip, &k1, &i.to_string(), now + PASS_TTL, pass.clone());
+        }
+        assert!(c.by_address[&ip].answers.len() <= SERVICES_PER_ADDRESS);
     }
 }

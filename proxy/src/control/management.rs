@@ -131,7 +131,8 @@ impl ManagementLink {
             supports_custom_ports: Some(self.custom_ports),
             require_subdomain: Some(self.require_subdomain),
             supports_crowdsec: Some(self.crowdsec),
-            private: Some(self.private_services),
+            // NetBird's "serves only over the mesh": this proxy serves its public listeners too.
+            private: Some(false),
             supports_private_service: Some(self.private_services),
         }
     }
@@ -344,6 +345,8 @@ struct Applier {
     skipped: HashMap<String, String>,
     /// When ports that could not be opened are tried again.
     next_port_retry: tokio::time::Instant,
+    /// NB_PROXY_PRIVATE in force: the port private services are served on over the mesh.
+    private_https_port: Option<u16>,
 }
 
 /// How often L4 ports held by another program are tried again.
@@ -361,6 +364,9 @@ impl Applier {
         tokens: watch::Sender<crate::mesh::Tokens>,
     ) -> Self {
         let (status_tx, mut status_rx) = mpsc::channel::<SendStatusUpdateRequest>(STATUS_QUEUE);
+        let private_https_port = link
+            .private_services
+            .then_some(shared.config.https_listen.port());
         let mut client = ProxyServiceClient::new(channel);
         // Ends when the Applier (the session) is gone.
         tokio::spawn(async move {
@@ -380,6 +386,7 @@ impl Applier {
             current: HashMap::new(),
             skipped: HashMap::new(),
             next_port_retry: tokio::time::Instant::now() + PORT_RETRY,
+            private_https_port,
         }
     }
 
@@ -475,6 +482,7 @@ impl Applier {
             return;
         }
         let certs = self.shared.certs.store();
+        let mesh = self.shared.mesh.load();
         let updates: Vec<SendStatusUpdateRequest> = changed
             .iter()
             .map(|m| {
@@ -488,11 +496,27 @@ impl Applier {
                     status: status as i32,
                     certificate_issued: issued,
                     error_message: message,
-                    inbound_listener: None,
+                    inbound_listener: self.inbound_listener(&mesh, m),
                 }
             })
             .collect();
         self.send(updates);
+    }
+
+    /// Where mesh peers reach a private service: the proxy's tunnel address in the service's
+    /// account, once its tunnel is up.
+    fn inbound_listener(
+        &self,
+        mesh: &crate::mesh::MeshSnapshot,
+        m: &ProxyMapping,
+    ) -> Option<proto::ProxyInboundListener> {
+        let https_port = self.private_https_port.filter(|_| m.private)?;
+        let routes = mesh.accounts.get(&m.account_id)?;
+        Some(proto::ProxyInboundListener {
+            tunnel_ip: routes.address.to_string(),
+            https_port: u32::from(https_port),
+            http_port: 0,
+        })
     }
 
     /// Sends the status of every HTTP service on `domain` again (its certificate changed).

@@ -9,7 +9,7 @@ use monoio::io::{AsyncReadRent, AsyncWriteRent};
 use super::access_log;
 use super::body::{self, BodyError};
 use super::client_ip;
-use super::connection::Conn;
+use super::connection::{Arrival, Conn};
 use super::gate::{self, GateLog, Identity, Verdict};
 use super::head::{Framing, HeadError};
 use super::responses::{self, ProxyStatus};
@@ -67,6 +67,11 @@ pub async fn exchange<S: AsyncReadRent + AsyncWriteRent>(
     let Some(service) = service else {
         return answer(client, conn, ProxyStatus::NotFound).await;
     };
+    // A mesh carries its own account's services only.
+    let foreign = matches!(&conn.arrival, Arrival::Mesh { account_id } if **account_id != *service.account_id);
+    if foreign {
+        return answer(client, conn, ProxyStatus::NotFound).await;
+    }
     if head.method() == b"CONNECT" {
         return answer(client, conn, ProxyStatus::MethodNotAllowed).await;
     }

@@ -93,8 +93,8 @@ pub fn upstream_request(
         put_header(out, name, value);
     }
     if let Some(id) = fwd.identity {
-        put_header(out, b"X-NetBird-User", id.user.as_bytes());
-        put_header(out, b"X-NetBird-Groups", id.groups.as_bytes());
+        put_identity_header(out, b"X-NetBird-User", &id.user);
+        put_identity_header(out, b"X-NetBird-Groups", &id.groups);
     }
 
     out.extend_from_slice(b"X-Forwarded-For: ");
@@ -140,6 +140,16 @@ fn write_target_path(out: &mut Vec<u8>, path_and_query: &str, route: &PathRoute)
         out.push(b'/');
     }
     out.extend_from_slice(rest.as_bytes());
+}
+
+/// Identity values come from outside the proxy (an identity provider's claims, a peer's
+/// self-chosen name): control characters are dropped so that none can end the header early
+/// and add headers or a request of its own.
+fn put_identity_header(out: &mut Vec<u8>, name: &[u8], value: &str) {
+    out.extend_from_slice(name);
+    out.extend_from_slice(b": ");
+    out.extend(value.bytes().filter(|b| *b >= 0x20 && *b != 0x7f));
+    out.extend_from_slice(b"\r\n");
 }
 
 fn put_header(out: &mut Vec<u8>, name: &[u8], value: &[u8]) {
@@ -295,6 +305,23 @@ mod tests {
         assert!(!text.contains("boss@"), "{text}");
         assert!(text.contains("Cookie: a=1\r\n"), "{text}");
         assert!(!text.contains("secret"), "{text}");
+
+        // A name chosen by a peer or an identity provider cannot add headers.
+        let id = Identity {
+            user: "laptop\r\nX-Admin: 1\r\n\r\nGET /evil HTTP/1.1".into(),
+            groups: "a\nb\x7f".into(),
+            ..Default::default()
+        };
+        f.identity = Some(&id);
+        let mut out = Vec::new();
+        upstream_request(&mut out, &h, &s, &s.routes[0], &f);
+        let text = String::from_utf8(out).unwrap();
+        assert!(
+            text.contains("X-NetBird-User: laptopX-Admin: 1GET /evil HTTP/1.1\r\n"),
+            "{text}"
+        );
+        assert!(text.contains("X-NetBird-Groups: ab\r\n"), "{text}");
+        assert!(!text.contains("\r\nX-Admin"), "{text}");
     }
 
     #[test]

@@ -423,7 +423,17 @@ impl Mesh {
             Vec::new()
         };
         let mut republish = false;
+        let inbound = self.inbound.clone();
+        let mut reopened = false;
         for (account_id, account) in &mut self.accounts {
+            if let (Some(inbound), None, Some(address)) =
+                (&inbound, &account.inbound, account.address)
+                && account.tunnel.is_some()
+            {
+                // Opening failed before (a worker's queue was full, the address not ready yet).
+                open_inbound(account_id, account, inbound, address);
+                reopened |= account.inbound.is_some();
+            }
             let Some(tunnel) = &account.tunnel else {
                 continue;
             };
@@ -467,7 +477,11 @@ impl Mesh {
                 republish |= sync_bridges(account_id, account, &targets);
             }
         }
-        if republish {
+        if reopened {
+            // The firewall must let the new listener's connections in.
+            self.apply_firewall();
+        }
+        if republish || reopened {
             self.publish();
         }
     }
@@ -510,12 +524,14 @@ impl Mesh {
                 id.clone(),
                 AccountRoutes {
                     range: address.trunc(),
+                    address: address.addr(),
                     carrier: tunnel.carrier(),
                     peers: account
                         .peers
                         .iter()
                         .map(|p| PeerRoute {
                             name: p.name.clone(),
+                            public_key: Arc::from(p.public_key.to_base64()),
                             networks: p.networks.clone(),
                             up: p.up,
                         })
@@ -622,6 +638,8 @@ fn sync_bridges(account_id: &str, account: &mut Account, targets: &[(String, Soc
 }
 
 /// Opens the account's listeners for private services; a failure is the account's error.
+/// Opens the account's listeners for private services; a failure is the account's error (and
+/// logged once per distinct reason), and the next poll tries again.
 fn open_inbound(account_id: &str, account: &mut Account, inbound: &MeshInbound, address: IpNet) {
     let Some(interface) = account.tunnel.as_ref().and_then(Tunnel::interface) else {
         return;
@@ -630,13 +648,25 @@ fn open_inbound(account_id: &str, account: &mut Account, inbound: &MeshInbound, 
         Ok(closer) => {
             tracing::info!(account = %account_id, address = %address.addr(), port = inbound.port(), "accepting private services' requests over the mesh");
             account.inbound = Some(closer);
+            if account
+                .error
+                .as_deref()
+                .is_some_and(|e| e.starts_with(INBOUND_ERROR))
+            {
+                account.error = None;
+            }
         }
         Err(e) => {
-            tracing::error!(account = %account_id, error = %e, "private services cannot be served over this account's mesh");
+            let e = format!("{INBOUND_ERROR}: {e}");
+            if account.error.as_deref() != Some(e.as_str()) {
+                tracing::error!(account = %account_id, error = %e, "private services cannot be served over this account's mesh");
+            }
             account.error = Some(e);
         }
     }
 }
+
+const INBOUND_ERROR: &str = "no listener for private services";
 
 fn set_health(shared: &Shared, value: serde_json::Value) {
     *shared.mesh_health.lock().unwrap_or_else(|p| p.into_inner()) = value;

@@ -33,6 +33,8 @@ pub enum MeshDial {
 #[derive(Debug, Clone)]
 pub struct PeerRoute {
     pub name: String,
+    /// Its WireGuard public key (base64): who an address of its networks stands for.
+    pub public_key: Arc<str>,
     pub networks: Vec<IpNet>,
     pub up: bool,
 }
@@ -51,6 +53,8 @@ pub enum Carrier {
 pub struct AccountRoutes {
     /// The account's tunnel range (the proxy's own address prefix).
     pub range: IpNet,
+    /// The proxy's own tunnel address in the account.
+    pub address: IpAddr,
     pub carrier: Carrier,
     pub peers: Vec<PeerRoute>,
     /// In-process backend: target → loopback bridge. Empty for the device backends.
@@ -137,9 +141,11 @@ mod tests {
     fn account(carrier: Carrier, up: bool) -> AccountRoutes {
         AccountRoutes {
             range: net("100.64.0.0/10"),
+            address: "100.64.0.1".parse().unwrap(),
             carrier,
             peers: vec![PeerRoute {
                 name: "target".into(),
+                public_key: Arc::from("key"),
                 networks: vec![net("100.64.0.2/32"), net("10.20.0.0/24")],
                 up,
             }],
