@@ -54,7 +54,8 @@ pub fn echo_round_trip(stream: TcpStream, total: usize) -> (u64, u64, usize) {
                 seed ^= seed << 17;
                 *b = seed as u8;
             }
-            if writer.write_all(&chunk[..n]).is_err() {
+            if let Err(e) = writer.write_all(&chunk[..n]) {
+                eprintln!("echo_round_trip: write failed after {sent} of {total} bytes: {e}");
                 break;
             }
             hash = fnv1a64(&chunk[..n], hash);
@@ -72,7 +73,15 @@ pub fn echo_round_trip(stream: TcpStream, total: usize) -> (u64, u64, usize) {
     let mut echo_began = Some(echo_began);
     while got < total {
         match reader.read(&mut buf) {
-            Ok(0) | Err(_) => break,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            Ok(0) => {
+                eprintln!("echo_round_trip: end of stream after {got} of {total} bytes");
+                break;
+            }
+            Err(e) => {
+                eprintln!("echo_round_trip: read failed after {got} of {total} bytes: {e}");
+                break;
+            }
             Ok(n) => {
                 if let Some(began) = echo_began.take() {
                     let _ = began.send(());

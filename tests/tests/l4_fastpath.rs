@@ -158,7 +158,17 @@ fn a_spliced_connection_carries_100_mib_outside_user_space() {
             TOTAL,
         )
     });
-    assert_eq!(n, TOTAL, "all of it came back; log:\n{}", proxy.log_text());
+    if n != TOTAL {
+        // The proxy's view of the connection once it has ended, for the failure message.
+        std::thread::sleep(Duration::from_secs(1));
+    }
+    assert_eq!(
+        n,
+        TOTAL,
+        "all of it came back; /healthz {}; log:\n{}",
+        proxy.health(),
+        proxy.log_text()
+    );
     assert_eq!(sent, got, "checksums match");
     let h = proxy.health();
     assert!(
