@@ -424,13 +424,13 @@ pub fn parse_go_duration(s: &str) -> Option<Duration> {
     Some(total)
 }
 
-/// DNS name check shared with proxy registration: true for a valid name (a leading `*.` is
-/// allowed).
 /// Names and emails end up in HTTP headers (`X-NetBird-User`) and logs: no control characters.
 pub fn has_control_chars(s: &str) -> bool {
     s.chars().any(char::is_control)
 }
 
+/// DNS name check shared with proxy registration: true for a valid name (a leading `*.` is
+/// allowed).
 pub fn is_valid_domain(domain: &str) -> bool {
     let name = domain.strip_prefix("*.").unwrap_or(domain);
     if name.is_empty() || name.len() > 253 {

@@ -405,7 +405,7 @@ pub struct MeshArgs {
     /// account's tunnel address (the port of NB_PROXY_ADDRESS), and every request there is
     /// checked with management's ValidateTunnelPeer by its tunnel source address. Needs the
     /// kernel or TUN mesh backend (the in-process one cannot accept); reported to management as
-    /// the `private` and `supports_private_service` capabilities.
+    /// the `supports_private_service` capability.
     #[arg(long = "private", env = "NB_PROXY_PRIVATE", action = ArgAction::Set, num_args = 0..=1, default_value_t = false, default_missing_value = "true")]
     pub private: bool,
 }

@@ -23,7 +23,7 @@ fn check_scope(token: &ProxyToken, account_id: &str) -> Result<(), Status> {
     }
 }
 
-fn store_error(e: impl std::fmt::Display) -> Status {
+pub(super) fn store_error(e: impl std::fmt::Display) -> Status {
     tracing::error!(error = %e, "store error");
     Status::unavailable("management store unavailable")
 }

@@ -9,13 +9,9 @@ use proto::{ValidateTunnelPeerRequest, ValidateTunnelPeerResponse};
 use tonic::Status;
 
 use super::ProxyServiceImpl;
+use super::auth::store_error;
 use crate::model;
 use crate::store::ProxyToken;
-
-fn store_error(e: impl std::fmt::Display) -> Status {
-    tracing::error!(error = %e, "store error");
-    Status::unavailable("management store unavailable")
-}
 
 fn denied(reason: &str) -> ValidateTunnelPeerResponse {
     ValidateTunnelPeerResponse {

@@ -24,17 +24,10 @@ async fn known_groups(
             "{field}: at most {MAX_GROUPS} groups"
         )));
     }
-    let known = st.store.groups(account).await?;
     let mut out: Vec<String> = ids.into_iter().map(|g| g.trim().to_string()).collect();
     out.sort_unstable();
     out.dedup();
-    for g in &out {
-        if !known.iter().any(|k| &k.id == g) {
-            return Err(ApiError::unprocessable(format!(
-                "{field}: no group with id {g:?}"
-            )));
-        }
-    }
+    super::sso::check_groups_exist(st, account, field, &out).await?;
     Ok(out)
 }
 
@@ -65,20 +58,16 @@ pub async fn update_peer(
 ) -> ApiResult<Json<serde_json::Value>> {
     caller.require_admin()?;
     let account = caller.account();
-    let mut access = st
+    let mut peer = st
         .store
-        .peer_access(account, &id)
+        .mesh_peer(account, &id)
         .await?
         .ok_or_else(|| ApiError::not_found("peer"))?;
+    let mut access = peer.access();
     if let Some(user) = req.user_id {
         let user = user.map(|u| u.trim().to_string()).filter(|u| !u.is_empty());
         if let Some(u) = &user
-            && !st
-                .store
-                .list_users(account)
-                .await?
-                .iter()
-                .any(|x| &x.id == u)
+            && st.store.user(account, u).await?.is_none()
         {
             return Err(ApiError::unprocessable(format!(
                 "user_id: no user with id {u:?}"
@@ -92,11 +81,7 @@ pub async fn update_peer(
     if !st.store.set_peer_access(account, &id, &access).await? {
         return Err(ApiError::not_found("peer"));
     }
-    let peer = st
-        .store
-        .mesh_peer(account, &id)
-        .await?
-        .ok_or_else(|| ApiError::not_found("peer"))?;
+    (peer.user_id, peer.groups) = (access.user_id, access.groups);
     let routes = super::peers::routes_by_peer(&st.store, account)
         .await?
         .remove(&peer.id)
@@ -124,10 +109,8 @@ pub async fn update_user(
     }
     let user = st
         .store
-        .list_users(account)
+        .user(account, &id)
         .await?
-        .into_iter()
-        .find(|u| u.id == id)
         .ok_or_else(|| ApiError::not_found("user"))?;
     Ok(Json(json!({
         "id": user.id,

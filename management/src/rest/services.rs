@@ -74,17 +74,8 @@ async fn prepare(
         check_sso(st, account, groups).await?;
     }
     if valid.spec.private {
-        let known = st.store.groups(account).await?;
-        if let Some(g) = valid
-            .spec
-            .access_groups
-            .iter()
-            .find(|g| !known.iter().any(|k| &k.id == *g))
-        {
-            return Err(ApiError::unprocessable(format!(
-                "access_groups: no group with id {g:?}"
-            )));
-        }
+        super::sso::check_groups_exist(st, account, "access_groups", &valid.spec.access_groups)
+            .await?;
     }
     match st.store.resolve_targets(account, &valid.spec.targets).await {
         Ok(_) => {}
@@ -256,15 +247,8 @@ async fn check_sso(st: &AppState, account: &str, groups: &[String]) -> ApiResult
              PUT /api/identity-provider first",
         ));
     }
-    let known = st.store.groups(account).await?;
-    for g in groups {
-        if !known.iter().any(|k| &k.id == g) {
-            return Err(ApiError::unprocessable(format!(
-                "auth.bearer_auth.distribution_groups: no group with id {g:?}"
-            )));
-        }
-    }
-    Ok(())
+    super::sso::check_groups_exist(st, account, "auth.bearer_auth.distribution_groups", groups)
+        .await
 }
 
 /// The stored form of a service's authentication (`None`: unprotected). Takes the secrets out

@@ -154,6 +154,23 @@ pub struct GroupRequest {
     peers: Vec<String>,
 }
 
+/// Every id in `ids` names a group of the account, else 422 naming `field` and the first
+/// unknown id.
+pub(super) async fn check_groups_exist(
+    st: &AppState,
+    account: &str,
+    field: &str,
+    ids: &[String],
+) -> ApiResult<()> {
+    let known = st.store.groups(account).await?;
+    match ids.iter().find(|g| !known.iter().any(|k| &k.id == *g)) {
+        Some(g) => Err(ApiError::unprocessable(format!(
+            "{field}: no group with id {g:?}"
+        ))),
+        None => Ok(()),
+    }
+}
+
 pub async fn list_groups(
     State(st): State<AppState>,
     caller: Caller,
@@ -180,8 +197,8 @@ pub async fn create_group(
     }
     let mut members = Vec::with_capacity(req.peers.len());
     for id in &req.peers {
-        match st.store.peer_access(caller.account(), id).await? {
-            Some(access) => members.push((id, access)),
+        match st.store.mesh_peer(caller.account(), id).await? {
+            Some(peer) => members.push((id, peer.access())),
             None => {
                 return Err(ApiError::unprocessable(format!(
                     "peers: no peer with id {id:?}"

@@ -162,7 +162,7 @@ impl Store {
     }
 }
 
-fn user_from_row(row: &sqlx::any::AnyRow) -> Result<User, StoreError> {
+pub(super) fn user_from_row(row: &sqlx::any::AnyRow) -> Result<User, StoreError> {
     let role: String = row.try_get("role")?;
     Ok(User {
         id: row.try_get("id")?,

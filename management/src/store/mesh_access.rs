@@ -28,11 +28,22 @@ pub struct PeerAccess {
     pub groups: Vec<String>,
 }
 
-fn ids_from(text: Option<String>, what: &str) -> Result<Vec<String>, StoreError> {
+/// A stored JSON list of group ids (or names); NULL is none.
+pub(super) fn ids_from(text: Option<String>, what: &str) -> Result<Vec<String>, StoreError> {
     match text {
         None => Ok(Vec::new()),
         Some(t) => {
             serde_json::from_str(&t).map_err(|e| StoreError::Corrupt(format!("{what}: {e}")))
+        }
+    }
+}
+
+impl super::MeshPeer {
+    /// The peer's own user and groups, to change and store with [`Store::set_peer_access`].
+    pub fn access(&self) -> PeerAccess {
+        PeerAccess {
+            user_id: self.user_id.clone(),
+            groups: self.groups.clone(),
         }
     }
 }
@@ -47,27 +58,6 @@ fn ids_text(ids: &[String]) -> Result<Option<String>, StoreError> {
 }
 
 impl Store {
-    pub async fn peer_access(
-        &self,
-        account_id: &str,
-        peer_id: &str,
-    ) -> Result<Option<PeerAccess>, StoreError> {
-        let row = sqlx::query(
-            "SELECT user_id, peer_groups FROM mesh_peers WHERE account_id = $1 AND id = $2",
-        )
-        .bind(account_id)
-        .bind(peer_id)
-        .fetch_optional(self.pool())
-        .await?;
-        let Some(row) = row else {
-            return Ok(None);
-        };
-        Ok(Some(PeerAccess {
-            user_id: row.try_get("user_id")?,
-            groups: ids_from(row.try_get("peer_groups")?, "mesh_peers.peer_groups")?,
-        }))
-    }
-
     /// Replaces a peer's user and groups; false when there is no such peer.
     pub async fn set_peer_access(
         &self,
@@ -85,20 +75,6 @@ impl Store {
         .execute(self.pool())
         .await?;
         Ok(done.rows_affected() > 0)
-    }
-
-    pub async fn user_auto_groups(
-        &self,
-        account_id: &str,
-        user_id: &str,
-    ) -> Result<Option<Vec<String>>, StoreError> {
-        let row = sqlx::query("SELECT auto_groups FROM users WHERE account_id = $1 AND id = $2")
-            .bind(account_id)
-            .bind(user_id)
-            .fetch_optional(self.pool())
-            .await?;
-        row.map(|r| ids_from(r.try_get("auto_groups")?, "users.auto_groups"))
-            .transpose()
     }
 
     /// Replaces a user's groups; false when there is no such user.
@@ -148,32 +124,24 @@ impl Store {
         account_id: &str,
         tunnel_ip: IpAddr,
     ) -> Result<Option<TunnelPeer>, StoreError> {
-        let row = sqlx::query(
-            "SELECT id, name, user_id, peer_groups FROM mesh_peers \
-             WHERE account_id = $1 AND tunnel_ip = $2 AND kind <> 'proxy'",
-        )
-        .bind(account_id)
-        .bind(tunnel_ip.to_string())
-        .fetch_optional(self.pool())
-        .await?;
-        let Some(row) = row else {
+        let Some(peer) = self
+            .mesh_peer_by_tunnel_ip(account_id, tunnel_ip)
+            .await?
+            .filter(|p| p.kind != super::PeerKind::Proxy)
+        else {
             return Ok(None);
         };
-        let mut ids: BTreeSet<String> =
-            ids_from(row.try_get("peer_groups")?, "mesh_peers.peer_groups")?
-                .into_iter()
-                .collect();
+        let mut ids: BTreeSet<String> = peer.groups.iter().cloned().collect();
         let mut names: BTreeSet<String> = BTreeSet::new();
-        let user_id: Option<String> = row.try_get("user_id")?;
-        let user = match user_id {
+        let user = match &peer.user_id {
             None => None,
             Some(uid) => {
                 let found = sqlx::query(
-                    "SELECT id, email, role, auto_groups, idp_groups FROM users \
+                    "SELECT id, account_id, email, role, auto_groups, idp_groups FROM users \
                      WHERE account_id = $1 AND id = $2",
                 )
                 .bind(account_id)
-                .bind(&uid)
+                .bind(uid)
                 .fetch_optional(self.pool())
                 .await?;
                 match found {
@@ -181,14 +149,7 @@ impl Store {
                     Some(u) => {
                         ids.extend(ids_from(u.try_get("auto_groups")?, "users.auto_groups")?);
                         names.extend(ids_from(u.try_get("idp_groups")?, "users.idp_groups")?);
-                        let role: String = u.try_get("role")?;
-                        Some(Some(User {
-                            id: u.try_get("id")?,
-                            account_id: account_id.to_string(),
-                            email: u.try_get("email")?,
-                            role: super::Role::parse(&role)
-                                .ok_or_else(|| StoreError::Corrupt(format!("role {role:?}")))?,
-                        }))
+                        Some(Some(super::accounts::user_from_row(&u)?))
                     }
                 }
             }
@@ -200,8 +161,8 @@ impl Store {
             .filter(|g| ids.contains(&g.id) || names.contains(&g.name))
             .collect();
         Ok(Some(TunnelPeer {
-            peer_id: row.try_get("id")?,
-            peer_name: row.try_get("name")?,
+            peer_id: peer.id,
+            peer_name: peer.name,
             user,
             groups,
         }))
@@ -271,9 +232,10 @@ mod tests {
         names.sort_unstable();
         assert_eq!(names, ["ops", "staff"]);
         assert!(s.group_has_members(&acct.id, &staff.id).await.unwrap());
+        let stored = s.mesh_peer(&acct.id, &peer.id).await.unwrap().unwrap();
         assert_eq!(
-            s.peer_access(&acct.id, &peer.id).await.unwrap(),
-            Some(access)
+            (stored.user_id, stored.groups),
+            (access.user_id, access.groups)
         );
 
         // Another account never sees the peer.

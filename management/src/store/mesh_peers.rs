@@ -464,6 +464,23 @@ impl Store {
         row.as_ref().map(peer_from_row).transpose()
     }
 
+    pub async fn mesh_peer_by_tunnel_ip(
+        &self,
+        account_id: &str,
+        tunnel_ip: IpAddr,
+    ) -> Result<Option<MeshPeer>, StoreError> {
+        let row = sqlx::query(concat!(
+            "SELECT ",
+            read_columns!(),
+            " FROM mesh_peers WHERE account_id = $1 AND tunnel_ip = $2"
+        ))
+        .bind(account_id)
+        .bind(tunnel_ip.to_string())
+        .fetch_optional(self.pool())
+        .await?;
+        row.as_ref().map(peer_from_row).transpose()
+    }
+
     pub async fn mesh_peer_by_key(
         &self,
         account_id: &str,
@@ -780,11 +797,10 @@ fn peer_from_row(row: &sqlx::any::AnyRow) -> Result<MeshPeer, StoreError> {
         last_seen: row.try_get("last_seen")?,
         created_at: row.try_get("created_at")?,
         user_id: row.try_get("user_id")?,
-        groups: match row.try_get::<Option<String>, _>("peer_groups")? {
-            None => Vec::new(),
-            Some(t) => serde_json::from_str(&t)
-                .map_err(|e| StoreError::Corrupt(format!("mesh_peers.peer_groups: {e}")))?,
-        },
+        groups: super::mesh_access::ids_from(
+            row.try_get("peer_groups")?,
+            "mesh_peers.peer_groups",
+        )?,
     })
 }
 

@@ -30,25 +30,22 @@ pub const CAPACITY: usize = 4096;
 /// Services remembered per address.
 const SERVICES_PER_ADDRESS: usize = 256;
 
-#[derive(Debug)]
+/// The access log's `auth_method_used` for requests decided here.
+pub const METHOD: &str = "tunnel_peer";
+
+/// Management's answer for one peer and service (an error answers nothing: refused too, but
+/// the client may retry).
+#[derive(Debug, Clone)]
 pub enum TunnelVerdict {
     Pass(Rc<Identity>),
     /// Refused, with the reason (for the log).
     Denied(Rc<str>),
-    /// Management could not answer: refused too, but the client may retry.
-    Unavailable(AuthCallError),
 }
 
 struct AddressEntry {
     peer_key: Arc<str>,
-    /// Service id → until when, and the identity (`None`: refused).
-    answers: HashMap<Box<str>, (Instant, Answer)>,
-}
-
-#[derive(Clone)]
-enum Answer {
-    Pass(Rc<Identity>),
-    Denied(Rc<str>),
+    /// Service id → until when, and the answer.
+    answers: HashMap<Box<str>, (Instant, TunnelVerdict)>,
 }
 
 #[derive(Default)]
@@ -57,7 +54,13 @@ pub struct TunnelPeerCache {
 }
 
 impl TunnelPeerCache {
-    fn get(&self, ip: IpAddr, peer_key: &str, service_id: &str, now: Instant) -> Option<Answer> {
+    fn get(
+        &self,
+        ip: IpAddr,
+        peer_key: &str,
+        service_id: &str,
+        now: Instant,
+    ) -> Option<TunnelVerdict> {
         let entry = self.by_address.get(&ip)?;
         if *entry.peer_key != *peer_key {
             return None;
@@ -72,7 +75,7 @@ impl TunnelPeerCache {
         peer_key: &Arc<str>,
         service_id: &str,
         until: Instant,
-        answer: Answer,
+        answer: TunnelVerdict,
     ) {
         if self.by_address.len() >= CAPACITY && !self.by_address.contains_key(&ip) {
             self.by_address.clear();
@@ -104,12 +107,12 @@ pub async fn check(
     service: &Service,
     arrival: &Arrival,
     peer: IpAddr,
-) -> TunnelVerdict {
+) -> Result<TunnelVerdict, AuthCallError> {
     let Arrival::Mesh { account_id } = arrival else {
-        return TunnelVerdict::Denied("not over the mesh".into());
+        return Ok(TunnelVerdict::Denied("not over the mesh".into()));
     };
     if **account_id != *service.account_id {
-        return TunnelVerdict::Denied("account_mismatch".into());
+        return Ok(TunnelVerdict::Denied("account_mismatch".into()));
     }
     let tunnel_ip = peer.to_canonical();
     // WireGuard let the packet in only from the peer whose networks hold its source.
@@ -121,7 +124,7 @@ pub async fn check(
             .and_then(|routes| routes.peer_for(tunnel_ip))
             .map(|p| p.public_key.clone())
         else {
-            return TunnelVerdict::Denied("peer_not_found".into());
+            return Ok(TunnelVerdict::Denied("peer_not_found".into()));
         };
         key
     };
@@ -130,10 +133,8 @@ pub async fn check(
         .tunnel_peers
         .borrow()
         .get(tunnel_ip, &peer_key, &service.id, now);
-    match remembered {
-        Some(Answer::Pass(identity)) => return TunnelVerdict::Pass(identity),
-        Some(Answer::Denied(reason)) => return TunnelVerdict::Denied(reason),
-        None => {}
+    if let Some(verdict) = remembered {
+        return Ok(verdict);
     }
     let answer = ctx
         .shared
@@ -143,29 +144,19 @@ pub async fn check(
             domain: service.domain.clone(),
         })
         .await;
-    let (answer, ttl) = match answer {
-        Ok(r) if r.valid => {
-            let identity = Identity {
-                user: if r.user_email.is_empty() {
-                    r.user_id.clone()
-                } else {
-                    r.user_email
-                },
-                user_id: r.user_id,
-                groups: r.peer_group_names.join(","),
-                method: "tunnel_peer".into(),
-            };
-            (Answer::Pass(Rc::new(identity)), PASS_TTL)
+    let (answer, ttl) = match answer? {
+        r if r.valid => {
+            let identity = Identity::new(&r.user_id, &r.user_email, &r.peer_group_names, METHOD);
+            (TunnelVerdict::Pass(Rc::new(identity)), PASS_TTL)
         }
-        Ok(r) => {
+        r => {
             let reason = if r.denied_reason.is_empty() {
                 "denied"
             } else {
                 r.denied_reason.as_str()
             };
-            (Answer::Denied(Rc::from(reason)), DENY_TTL)
+            (TunnelVerdict::Denied(Rc::from(reason)), DENY_TTL)
         }
-        Err(e) => return TunnelVerdict::Unavailable(e),
     };
     ctx.tunnel_peers.borrow_mut().insert(
         tunnel_ip,
@@ -174,18 +165,15 @@ pub async fn check(
         now + ttl,
         answer.clone(),
     );
-    match answer {
-        Answer::Pass(identity) => TunnelVerdict::Pass(identity),
-        Answer::Denied(reason) => TunnelVerdict::Denied(reason),
-    }
+    Ok(answer)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    fn passed(a: Option<Answer>) -> bool {
-        matches!(a, Some(Answer::Pass(_)))
+    fn passed(a: Option<TunnelVerdict>) -> bool {
+        matches!(a, Some(TunnelVerdict::Pass(_)))
     }
 
     #[test]
@@ -194,17 +182,20 @@ mod tests {
         let ip: IpAddr = "100.64.0.2".parse().unwrap();
         let (k1, k2): (Arc<str>, Arc<str>) = (Arc::from("k1"), Arc::from("k2"));
         let now = Instant::now();
-        let pass = Answer::Pass(Rc::new(Identity::default()));
+        let pass = TunnelVerdict::Pass(Rc::new(Identity::default()));
         c.insert(ip, &k1, "s1", now + PASS_TTL, pass.clone());
         c.insert(
             ip,
             &k1,
             "s2",
             now + DENY_TTL,
-            Answer::Denied(Rc::from("not_in_group")),
+            TunnelVerdict::Denied(Rc::from("not_in_group")),
         );
         assert!(passed(c.get(ip, &k1, "s1", now)));
-        assert!(matches!(c.get(ip, &k1, "s2", now), Some(Answer::Denied(_))));
+        assert!(matches!(
+            c.get(ip, &k1, "s2", now),
+            Some(TunnelVerdict::Denied(_))
+        ));
         assert!(c.get(ip, &k1, "s1", now + PASS_TTL).is_none(), "expired");
         assert!(
             c.get(ip, &k2, "s1", now).is_none(),

@@ -52,8 +52,8 @@ pub struct ManagementLink {
     pub custom_ports: bool,
     /// Reported as `supports_crowdsec`: a bouncer is configured.
     pub crowdsec: bool,
-    /// Reported as `private` and `supports_private_service`: NB_PROXY_PRIVATE on a mesh backend
-    /// that accepts connections.
+    /// Reported as `supports_private_service`: NB_PROXY_PRIVATE on a mesh backend that accepts
+    /// connections.
     pub private_services: bool,
 }
 

@@ -93,24 +93,24 @@ pub async fn exchange<S: AsyncReadRent + AsyncWriteRent>(
     if service.private {
         // NetBird-only: the mesh peer is the credential; sign-in methods are never offered.
         let refused = match tunnel_peer::check(ctx, &service, &conn.arrival, peer.ip()).await {
-            TunnelVerdict::Pass(identity) => {
+            Ok(TunnelVerdict::Pass(identity)) => {
                 record.gate.method = identity.method.clone();
                 record.gate.success = true;
                 record.identity = Some(identity);
                 None
             }
-            TunnelVerdict::Denied(reason) => {
+            Ok(TunnelVerdict::Denied(reason)) => {
                 tracing::debug!(service = %service.id, %peer, %reason, "private service refused");
                 Some(ProxyStatus::Forbidden)
             }
-            TunnelVerdict::Unavailable(e) => {
+            Err(e) => {
                 tracing::warn!(service = %service.id, %peer, error = %e, "tunnel peer not checked; refused");
                 Some(ProxyStatus::ServiceUnavailable)
             }
         };
         if let Some(status) = refused {
             record.status = status.code();
-            record.gate.method = "tunnel_peer".into();
+            record.gate.method = tunnel_peer::METHOD.into();
             access_log::record(ctx, &service, conn, client_ip, started, &record);
             return answer(client, conn, status).await;
         }

@@ -45,25 +45,24 @@ pub struct Identity {
 }
 
 impl Identity {
+    /// `X-NetBird-User` is the email when there is one, else the user id.
+    pub fn new(user_id: &str, email: &str, group_names: &[String], method: &str) -> Self {
+        Self {
+            user_id: user_id.to_string(),
+            user: if email.is_empty() { user_id } else { email }.to_string(),
+            groups: group_names.join(","),
+            method: method.to_string(),
+        }
+    }
+
     pub fn from_claims(c: &SessionClaims) -> Self {
         let names = if c.group_names.is_empty() {
             &c.groups
         } else {
             &c.group_names
         };
-        let user = if c.email.is_empty() { &c.sub } else { &c.email };
-        Self {
-            user_id: c.sub.clone(),
-            user: header_safe(user),
-            groups: header_safe(&names.join(",")),
-            method: c.method.clone(),
-        }
+        Self::new(&c.sub, &c.email, names, &c.method)
     }
-}
-
-/// Claims end up in header values: control characters (a CR/LF would split the head) go.
-fn header_safe(s: &str) -> String {
-    s.chars().filter(|c| !c.is_control()).collect()
 }
 
 /// What the gate decided.

@@ -143,12 +143,16 @@ fn write_target_path(out: &mut Vec<u8>, path_and_query: &str, route: &PathRoute)
 }
 
 /// Identity values come from outside the proxy (an identity provider's claims, a peer's
-/// self-chosen name): control characters are dropped so that none can end the header early
-/// and add headers or a request of its own.
+/// self-chosen name), whichever way they were verified: control characters are dropped here,
+/// where every one is written, so that none can end the header early and add headers or a
+/// request of its own.
 fn put_identity_header(out: &mut Vec<u8>, name: &[u8], value: &str) {
     out.extend_from_slice(name);
     out.extend_from_slice(b": ");
-    out.extend(value.bytes().filter(|b| *b >= 0x20 && *b != 0x7f));
+    let mut utf8 = [0u8; 4];
+    for c in value.chars().filter(|c| !c.is_control()) {
+        out.extend_from_slice(c.encode_utf8(&mut utf8).as_bytes());
+    }
     out.extend_from_slice(b"\r\n");
 }
 
@@ -309,7 +313,7 @@ mod tests {
         // A name chosen by a peer or an identity provider cannot add headers.
         let id = Identity {
             user: "laptop\r\nX-Admin: 1\r\n\r\nGET /evil HTTP/1.1".into(),
-            groups: "a\nb\x7f".into(),
+            groups: "a\nb\x7f\u{85}c".into(),
             ..Default::default()
         };
         f.identity = Some(&id);
@@ -320,7 +324,7 @@ mod tests {
             text.contains("X-NetBird-User: laptopX-Admin: 1GET /evil HTTP/1.1\r\n"),
             "{text}"
         );
-        assert!(text.contains("X-NetBird-Groups: ab\r\n"), "{text}");
+        assert!(text.contains("X-NetBird-Groups: abc\r\n"), "{text}");
         assert!(!text.contains("\r\nX-Admin"), "{text}");
     }
 

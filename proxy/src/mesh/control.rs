@@ -283,7 +283,7 @@ impl Mesh {
             .iter()
             .any(|(id, a)| *id != mesh.account_id && a.tunnel.is_some());
         let backend = self.backend;
-        let inbound = self.inbound.clone();
+        let inbound = &self.inbound;
         let Some(account) = self.accounts.get_mut(&mesh.account_id) else {
             return false;
         };
@@ -324,7 +324,7 @@ impl Mesh {
                     account.reported_port = None;
                     account.bridges.clear();
                     account.error = None;
-                    if let Some(inbound) = &inbound {
+                    if let Some(inbound) = inbound {
                         open_inbound(&mesh.account_id, account, inbound, address);
                     }
                 }
@@ -423,11 +423,11 @@ impl Mesh {
             Vec::new()
         };
         let mut republish = false;
-        let inbound = self.inbound.clone();
+        let inbound = &self.inbound;
         let mut reopened = false;
         for (account_id, account) in &mut self.accounts {
             if let (Some(inbound), None, Some(address)) =
-                (&inbound, &account.inbound, account.address)
+                (inbound, &account.inbound, account.address)
                 && account.tunnel.is_some()
             {
                 // Opening failed before (a worker's queue was full, the address not ready yet).
@@ -637,7 +637,6 @@ fn sync_bridges(account_id: &str, account: &mut Account, targets: &[(String, Soc
     changed
 }
 
-/// Opens the account's listeners for private services; a failure is the account's error.
 /// Opens the account's listeners for private services; a failure is the account's error (and
 /// logged once per distinct reason), and the next poll tries again.
 fn open_inbound(account_id: &str, account: &mut Account, inbound: &MeshInbound, address: IpNet) {
