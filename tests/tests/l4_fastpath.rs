@@ -139,17 +139,30 @@ fn a_spliced_connection_carries_100_mib_outside_user_space() {
     let src = net.client_ips[0];
     // A request sent at once, then a wait for its answer: the bytes queued before the splice
     // was set up must still go through.
-    let answer = net.in_client_ns(move || {
+    let (answer, first) = net.in_client_ns(move || {
         use std::io::{Read, Write};
         let mut s = tcp_from(src, dst, Duration::from_secs(3)).expect("connect");
         s.write_all(b"ping").expect("write");
         let mut buf = [0u8; 4];
-        s.read_exact(&mut buf).map(|_| buf)
+        (s.read_exact(&mut buf).map(|_| buf), s)
     });
     assert_eq!(
         &answer.expect("answer to a request sent before the splice"),
         b"ping"
     );
+    // Both of the proxy's sockets of the spliced pair got the large send buffer (a full one
+    // makes the kernel's splice wait a whole tick, which capped one stream near 4 Gbit/s).
+    let filter = format!(
+        "( sport = :7010 or dport = :{} ) and not sport = :{}",
+        echo.addr.port(),
+        echo.addr.port()
+    );
+    let buffers = net.in_proxy_ns(move || send_buffers(&filter));
+    assert_eq!(buffers.len(), 2, "the proxy's two sockets: {buffers:?}");
+    for b in &buffers {
+        assert!(*b >= 16 << 20, "spliced send buffers: {buffers:?}");
+    }
+    drop(first);
 
     const TOTAL: usize = 100 << 20;
     let (sent, got, n) = net.in_client_ns(move || {
@@ -181,4 +194,22 @@ fn a_spliced_connection_carries_100_mib_outside_user_space() {
         "user space copied {user} bytes of {} (should be near zero)",
         2 * TOTAL
     );
+}
+
+/// Send buffer sizes (`tb` of `ss -m`) of the established TCP sockets `filter` selects, in this
+/// thread's network namespace.
+fn send_buffers(filter: &str) -> Vec<u64> {
+    let out = std::process::Command::new("ss")
+        .args(["-Htnm", "state", "established", filter])
+        .output()
+        .expect("ss runs");
+    assert!(out.status.success(), "ss: {out:?}");
+    String::from_utf8_lossy(&out.stdout)
+        .split(",tb")
+        .skip(1)
+        .filter_map(|rest| {
+            let digits: String = rest.chars().take_while(char::is_ascii_digit).collect();
+            digits.parse().ok()
+        })
+        .collect()
 }

@@ -57,7 +57,9 @@ impl L4Report {
                 r.unavailable.get(&L4Kind::PortcullisSplice),
             ) {
                 (Some(why), _) => Some(format!("the spliced runs failed ({})", first_line(why))),
-                (None, why) => why.cloned(),
+                (None, Some(why)) => Some(why.clone()),
+                (None, None) if t.met == Some(false) => load_core_bound(r),
+                (None, None) => None,
             };
             out.push(t);
         }
@@ -87,6 +89,31 @@ impl L4Report {
         }
         out
     }
+}
+
+/// Why a missed splice target could not be met on this placement, when the figures show it:
+/// the kernel forwards a spliced stream on the core that received its packets (on loopback the
+/// sender's, the load core), so the spliced proxy's own core stays idle and the load core carries
+/// iperf3's two ends and the forwarding alone. At the wanted rate that core would have a budget
+/// per MiB that iperf3's ends (HAProxy's run minus HAProxy) may already use up.
+fn load_core_bound(r: &TcpResult) -> Option<String> {
+    let splice = r.get(L4Kind::PortcullisSplice)?;
+    let haproxy = r.get(L4Kind::Haproxy)?;
+    // Only when the proxy's own CPU says the kernel did the forwarding elsewhere.
+    if splice.proxy_cpu_us_per_mib > 0.05 * splice.all_cpu_us_per_mib || haproxy.gbit_per_sec <= 0.0
+    {
+        return None;
+    }
+    let mib_per_sec = |gbit: f64| gbit * 1e9 / 8.0 / f64::from(1u32 << 20);
+    let budget = 1e6 / (SPLICE_OVER_HAPROXY * mib_per_sec(haproxy.gbit_per_sec));
+    let load_side = haproxy.all_cpu_us_per_mib - haproxy.proxy_cpu_us_per_mib;
+    Some(format!(
+        "the kernel forwards a spliced stream on the core that received it, here the load core, \
+         so the proxy's core stayed idle; at {SPLICE_OVER_HAPROXY}× HAProxy's rate that core would \
+         have {budget:.0} µs per MiB for everything, iperf3's two ends alone took {load_side:.0} \
+         (HAProxy's run) and the spliced path took {:.0} in all (HAProxy: {:.0})",
+        splice.all_cpu_us_per_mib, haproxy.all_cpu_us_per_mib
+    ))
 }
 
 impl L4Report {

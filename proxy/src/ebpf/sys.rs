@@ -75,6 +75,32 @@ pub(super) fn sockhash_remove(map: BorrowedFd<'_>, key: u64) -> io::Result<()> {
     )
 }
 
+/// Raises `socket`'s send buffer to `bytes` unless it is already at least that large. Uses
+/// `SO_SNDBUFFORCE`, which goes past `net.core.wmem_max` and needs CAP_NET_ADMIN (the fast path
+/// has it); a plain `SO_SNDBUF` would be capped there and could shrink the buffer instead.
+pub(super) fn raise_send_buffer(socket: BorrowedFd<'_>, bytes: usize) -> io::Result<()> {
+    if socket2::SockRef::from(&socket).send_buffer_size()? >= bytes {
+        return Ok(());
+    }
+    // The kernel doubles the value it is given (half of the buffer is its bookkeeping).
+    let half = libc::c_int::try_from(bytes / 2).unwrap_or(libc::c_int::MAX);
+    // SAFETY: a plain int option, passed with its size.
+    let ret = unsafe {
+        libc::setsockopt(
+            socket.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_SNDBUFFORCE,
+            std::ptr::from_ref(&half).cast(),
+            size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    if ret < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(())
+    }
+}
+
 /// Sets `SO_RCVLOWAT` to 1 (the default, so nothing else changes). TCP answers any
 /// `SO_RCVLOWAT` by calling its data-ready path when bytes are queued, which is what runs the
 /// stream parser over bytes that arrived before the socket entered the map.
