@@ -90,6 +90,7 @@ pub async fn run_until(
         &settings.interface,
         settings.backend,
         key,
+        settings.preshared_key.clone(),
     )));
     let outcome = tokio::select! {
         () = &mut shutdown => {

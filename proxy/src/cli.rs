@@ -408,6 +408,15 @@ pub struct MeshArgs {
     /// the `supports_private_service` capability.
     #[arg(long = "private", env = "NB_PROXY_PRIVATE", action = ArgAction::Set, num_args = 0..=1, default_value_t = false, default_missing_value = "true")]
     pub private: bool,
+    /// WireGuard pre-shared key used with every mesh peer (base64, as `wg genpsk` prints): a
+    /// peer completes a handshake only if it holds the same key (`portcullis agent
+    /// --preshared-key`, or `PresharedKey =` in a wg-quick config). Management never sees it.
+    #[arg(
+        long = "preshared-key",
+        env = "NB_PROXY_PRESHARED_KEY",
+        hide_env_values = true
+    )]
+    pub preshared_key: Option<String>,
 }
 
 /// NetBird settings accepted so that existing env files work, but not acted on yet.
@@ -415,12 +424,6 @@ pub struct MeshArgs {
 #[derive(Debug, Args, Clone, Default)]
 #[command(next_help_heading = "Accepted for NetBird compatibility, not acted on yet")]
 pub struct NotYetSupported {
-    #[arg(
-        long = "preshared-key",
-        env = "NB_PROXY_PRESHARED_KEY",
-        hide_env_values = true
-    )]
-    pub preshared_key: Option<String>,
     #[arg(long = "require-subdomain", env = "NB_PROXY_REQUIRE_SUBDOMAIN")]
     pub require_subdomain: Option<String>,
     #[arg(long = "debug-endpoint", env = "NB_PROXY_DEBUG_ENDPOINT")]
@@ -432,8 +435,7 @@ pub struct NotYetSupported {
 impl NotYetSupported {
     /// Names of the settings that were given a value.
     pub fn set_names(&self) -> Vec<&'static str> {
-        let all: [(&'static str, &Option<String>); 4] = [
-            ("NB_PROXY_PRESHARED_KEY", &self.preshared_key),
+        let all: [(&'static str, &Option<String>); 3] = [
             ("NB_PROXY_REQUIRE_SUBDOMAIN", &self.require_subdomain),
             ("NB_PROXY_DEBUG_ENDPOINT", &self.debug_endpoint),
             (

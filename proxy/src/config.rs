@@ -36,6 +36,8 @@ pub enum ConfigError {
     BadAcme(String),
     #[error("{0}")]
     BadCrowdsec(String),
+    #[error(transparent)]
+    BadPresharedKey(#[from] crate::mesh::preshared_key::PresharedKeyError),
 }
 
 /// Which io driver the workers run.

@@ -9,6 +9,7 @@ pub mod device;
 pub mod firewall;
 pub mod inbound;
 pub mod inprocess;
+pub mod preshared_key;
 pub mod settings;
 pub mod table;
 pub mod tunnel;

@@ -195,6 +195,7 @@ impl Testbed {
             allowed_ips: vec!["100.64.0.2/32".parse().unwrap()],
             endpoint: Some(self.endpoint),
             persistent_keepalive: None,
+            preshared_key: None,
         }
     }
 }
@@ -436,6 +437,7 @@ fn refuses_targets_outside_allowed_ips() {
         allowed_ips: vec!["100.64.0.2/32".parse().unwrap()],
         endpoint: None,
         persistent_keepalive: None,
+        preshared_key: None,
     }])
     .unwrap();
     assert!(mesh.bridge(target).is_ok());

@@ -550,6 +550,7 @@ pub struct Agent {
     runs: u32,
     process: Option<Supervised>,
     logs: Vec<PathBuf>,
+    env: Vec<(String, String)>,
 }
 
 impl Agent {
@@ -570,7 +571,14 @@ impl Agent {
             runs: 0,
             process: None,
             logs: Vec::new(),
+            env: Vec::new(),
         }
+    }
+
+    /// An extra environment variable for every start.
+    pub fn with_env(mut self, name: &str, value: &str) -> Agent {
+        self.env.push((name.to_string(), value.to_string()));
+        self
     }
 
     /// Starts the agent (`setup_key` only for the first registration).
@@ -589,7 +597,8 @@ impl Agent {
             .arg(&self.state_dir)
             .args(["--name", &self.label, "--interface", &self.interface])
             .args(["--backend", "tun", "--log-level", "debug"])
-            .env_remove("PORTCULLIS_AGENT_SETUP_KEY");
+            .env_remove("PORTCULLIS_AGENT_SETUP_KEY")
+            .envs(self.env.iter().map(|(k, v)| (k, v)));
         if let Some(key) = setup_key {
             // Through the environment, as an operator would keep it out of `ps`.
             cmd.env("PORTCULLIS_AGENT_SETUP_KEY", key);

@@ -477,6 +477,139 @@ fn agent_peer_on(backend: Backend) {
     assert!(failures.is_empty(), "[{backend:?}] {}", failures.join("\n"));
 }
 
+// === the pre-shared key ===
+
+#[test]
+fn preshared_key_tun() {
+    preshared_key_on(Backend::Tun);
+}
+
+#[test]
+fn preshared_key_in_process() {
+    preshared_key_on(Backend::InProcess);
+}
+
+/// NB_PROXY_PRESHARED_KEY: an agent holding the same key is served; one holding another key
+/// never completes a handshake, so its target stays unreachable; neither key is in any log.
+fn preshared_key_on(backend: Backend) {
+    let Some(mut net) = setup("preshared_key") else {
+        return;
+    };
+    let same_site = net.add_site("psk").expect("site");
+    let other_site = net.add_site("otherpsk").expect("site");
+    let dir = TestDir::new("mesh-psk");
+    let m = start_management(&net, &dir);
+    let (_, pat) = m.bootstrap("a@example.test");
+    let api = m.api(&pat);
+    let (_, token) = api.create_proxy_token("mesh");
+    let genpsk = || {
+        run("wg", &["genpsk"])
+            .expect("wg genpsk")
+            .trim()
+            .to_string()
+    };
+    let (psk, other_psk) = (genpsk(), genpsk());
+    let proxy = start_proxy_with(
+        &net,
+        &m,
+        &token,
+        "mesh.test",
+        backend,
+        &[("NB_PROXY_PRESHARED_KEY", &psk)],
+    );
+    let mut same = Agent::new(
+        &same_site.ns,
+        "psk",
+        &net.iface_name("p"),
+        &m.grpc_url(),
+        &dir.0,
+    )
+    .with_env("PORTCULLIS_AGENT_PRESHARED_KEY", &psk);
+    let mut other = Agent::new(
+        &other_site.ns,
+        "otherpsk",
+        &net.iface_name("q"),
+        &m.grpc_url(),
+        &dir.0,
+    )
+    .with_env("PORTCULLIS_AGENT_PRESHARED_KEY", &other_psk);
+    let ifaces = [same.interface.clone(), other.interface.clone()];
+    let diag = || diagnose(&net, &[&proxy], &[&ifaces[0], &ifaces[1]]);
+
+    let (_, same_peer) = register_agent(&api, &mut same, "one-off");
+    let (_, other_peer) = register_agent(&api, &mut other, "one-off");
+    let _servers = [
+        (&same_site, &same_peer, "hello from psk"),
+        (&other_site, &other_peer, "hello from otherpsk"),
+    ]
+    .map(|(site, peer, body)| {
+        HttpServer::start_in(
+            &site.ns,
+            SocketAddr::new(tunnel_ip(peer), TARGET_PORT),
+            body,
+            Duration::from_secs(30),
+        )
+    });
+    let same_svc = create_service(&api, "psk", "psk.mesh.test", peer_target(&same_peer));
+    let other_svc = create_service(
+        &api,
+        "otherpsk",
+        "otherpsk.mesh.test",
+        peer_target(&other_peer),
+    );
+
+    let took = wait_body(
+        &net,
+        &proxy,
+        "psk.mesh.test",
+        "hello from psk",
+        Duration::from_secs(60),
+        &diag,
+    );
+    eprintln!("[{backend:?}] the agent with the same key was served after {took:?}");
+    wait_status(&api, &same_svc, "active", Duration::from_secs(30), &diag);
+    assert!(
+        same.wg_show().contains("preshared key"),
+        "the agent did not set the key on its proxy peer:\n{}",
+        same.wg_show()
+    );
+
+    // Started alongside: had the key been ignored, it would be served by now or shortly.
+    let mut answers = Vec::new();
+    for _ in 0..10 {
+        let r = get(&net, &proxy, "otherpsk.mesh.test");
+        assert!(
+            !matches!(&r, Ok((200, body)) if body.contains("hello from otherpsk")),
+            "served through a tunnel with a different pre-shared key\n{}",
+            diag()
+        );
+        answers.push(r.map(|(status, _)| status));
+        std::thread::sleep(Duration::from_secs(1));
+    }
+    eprintln!("[{backend:?}] the agent with another key: {answers:?}");
+    assert!(
+        !other.wg_show().contains("latest handshake"),
+        "a handshake completed with another pre-shared key:\n{}",
+        other.wg_show()
+    );
+    wait_status(
+        &api,
+        &other_svc,
+        "tunnel_not_created",
+        Duration::from_secs(30),
+        &diag,
+    );
+
+    assert_no_secrets(
+        "preshared_key",
+        &logs_of(&m, &[&proxy], &[&same, &other]),
+        &[
+            ("pre-shared key", &psk),
+            ("the other pre-shared key", &other_psk),
+        ],
+    );
+}
+
 // === 2. a stock WireGuard peer ===
 
 #[test]

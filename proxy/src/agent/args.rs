@@ -5,6 +5,7 @@ use std::path::PathBuf;
 use clap::{ArgAction, Args};
 
 use crate::mesh::device::{self, BackendChoice};
+use crate::mesh::preshared_key::{PresharedKey, PresharedKeyError};
 
 /// Join an account's WireGuard mesh so its proxies reach the targets on (and behind) this machine.
 #[derive(Clone, Args)]
@@ -59,6 +60,14 @@ pub struct AgentArgs {
         default_value = "info"
     )]
     pub log_level: String,
+    /// WireGuard pre-shared key used with every proxy (base64, as `wg genpsk` prints): must be
+    /// the proxies' NB_PROXY_PRESHARED_KEY, or no handshake completes.
+    #[arg(
+        long = "preshared-key",
+        env = "PORTCULLIS_AGENT_PRESHARED_KEY",
+        hide_env_values = true
+    )]
+    pub preshared_key: Option<String>,
 }
 
 /// Never print the setup key, even in debug output.
@@ -74,6 +83,10 @@ impl std::fmt::Debug for AgentArgs {
             .field("management_ca_file", &self.management_ca_file)
             .field("allow_insecure", &self.allow_insecure)
             .field("log_level", &self.log_level)
+            .field(
+                "preshared_key",
+                &self.preshared_key.as_ref().map(|_| "<redacted>"),
+            )
             .finish()
     }
 }
@@ -86,6 +99,8 @@ pub enum SettingsError {
     Interface { name: String, reason: String },
     #[error("PORTCULLIS_AGENT_MANAGEMENT_URL is empty")]
     NoManagement,
+    #[error(transparent)]
+    PresharedKey(#[from] PresharedKeyError),
 }
 
 /// The agent's settings, checked.
@@ -100,6 +115,7 @@ pub struct Settings {
     pub backend: BackendChoice,
     pub ca_file: Option<PathBuf>,
     pub allow_insecure: bool,
+    pub preshared_key: Option<PresharedKey>,
 }
 
 impl Settings {
@@ -146,6 +162,10 @@ impl Settings {
             backend,
             ca_file: args.management_ca_file.clone(),
             allow_insecure: args.allow_insecure,
+            preshared_key: PresharedKey::parse(
+                "PORTCULLIS_AGENT_PRESHARED_KEY",
+                args.preshared_key.as_deref(),
+            )?,
         })
     }
 }

@@ -63,6 +63,8 @@ pub async fn resolve(config: &AgentConfig) -> Result<Desired, ConfigError> {
             allowed_ips,
             endpoint,
             persistent_keepalive: keepalive,
+            // The agent's own setting, filled in when applied.
+            preshared_key: None,
         });
     }
     let routed = config

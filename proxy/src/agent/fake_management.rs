@@ -132,6 +132,7 @@ async fn agent_follows_management() {
         backend: device::BackendChoice::Tun,
         ca_file: None,
         allow_insecure: true,
+        preshared_key: None,
     };
 
     // First run: registers, comes up, goes away on shutdown.

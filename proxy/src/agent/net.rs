@@ -6,7 +6,8 @@ use wireguard_control::Key;
 
 use super::desired::Desired;
 use super::firewall::{AgentFirewall, FirewallError};
-use crate::mesh::device::{BackendChoice, DeviceError, DeviceSpec, WgDevice};
+use crate::mesh::device::{BackendChoice, DeviceError, DeviceSpec, PeerSpec, WgDevice};
+use crate::mesh::preshared_key::PresharedKey;
 
 #[derive(Debug, thiserror::Error)]
 pub enum NetError {
@@ -20,6 +21,7 @@ pub struct AgentNet {
     interface: String,
     backend: BackendChoice,
     key: Key,
+    preshared_key: Option<PresharedKey>,
     // Field order is drop order: the rules go before the interface they name.
     firewall: AgentFirewall,
     /// The interface and the address it was created with.
@@ -37,11 +39,17 @@ pub struct Applied {
 }
 
 impl AgentNet {
-    pub fn new(interface: &str, backend: BackendChoice, key: Key) -> AgentNet {
+    pub fn new(
+        interface: &str,
+        backend: BackendChoice,
+        key: Key,
+        preshared_key: Option<PresharedKey>,
+    ) -> AgentNet {
         AgentNet {
             interface: interface.to_string(),
             backend,
             key,
+            preshared_key,
             firewall: AgentFirewall::new(interface),
             device: None,
         }
@@ -65,7 +73,15 @@ impl AgentNet {
             }
         };
         let device = &self.device.insert((device, desired.address)).0;
-        device.set_peers(&desired.peers)?;
+        let peers: Vec<PeerSpec> = desired
+            .peers
+            .iter()
+            .map(|p| PeerSpec {
+                preshared_key: self.preshared_key.clone(),
+                ..p.clone()
+            })
+            .collect();
+        device.set_peers(&peers)?;
         self.firewall
             .apply(&desired.proxy_sources, &desired.routed)?;
         Ok(Applied {

@@ -343,6 +343,7 @@ impl Mesh {
             .map(|p| Peer {
                 public_key: p.public_key.clone(),
                 allowed_ips: p.networks.clone(),
+                preshared_key: self.settings.preshared_key.clone(),
             })
             .collect();
         if let Some(tunnel) = &account.tunnel

@@ -18,6 +18,7 @@ use std::time::{Duration, SystemTime};
 use ipnet::IpNet;
 use wireguard_control::{Backend, Device, DeviceUpdate, InterfaceName, Key, PeerConfigBuilder};
 
+use super::preshared_key::PresharedKey;
 use cmd::CmdError;
 use wggo::WgGo;
 
@@ -63,6 +64,7 @@ pub struct PeerSpec {
     pub allowed_ips: Vec<IpNet>,
     pub endpoint: Option<SocketAddr>,
     pub persistent_keepalive: Option<u16>,
+    pub preshared_key: Option<PresharedKey>,
 }
 
 #[derive(Debug, Clone)]
@@ -235,6 +237,10 @@ impl WgDevice {
             builder = match peer.persistent_keepalive {
                 Some(seconds) => builder.set_persistent_keepalive_interval(seconds),
                 None => builder.unset_persistent_keepalive(),
+            };
+            builder = match &peer.preshared_key {
+                Some(key) => builder.set_preshared_key(key.key().clone()),
+                None => builder.unset_preshared_key(),
             };
             update = update.add_peer(builder);
         }

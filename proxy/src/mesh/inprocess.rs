@@ -34,6 +34,8 @@ use std::time::SystemTime;
 use ipnet::IpNet;
 use wireguard_control::Key;
 
+use super::preshared_key::PresharedKey;
+
 /// Upper bound on bridged connections alive at once, per mesh. Each holds two smoltcp buffers
 /// (allocated zeroed, so pages are only touched as data flows) and one loopback socket.
 pub const MAX_CONNECTIONS: usize = 4096;
@@ -81,6 +83,7 @@ pub struct InProcessPeer {
     /// Where to send to first; replaced by wherever the peer's valid packets come from.
     pub endpoint: Option<SocketAddr>,
     pub persistent_keepalive: Option<u16>,
+    pub preshared_key: Option<PresharedKey>,
 }
 
 /// A peer's state as last published by the worker (refreshed every timer tick).

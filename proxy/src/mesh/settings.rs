@@ -3,6 +3,8 @@
 use crate::cli::MeshArgs;
 use crate::config::ConfigError;
 
+use super::preshared_key::PresharedKey;
+
 /// Which backend carries the accounts' tunnels.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum BackendChoice {
@@ -22,6 +24,8 @@ pub struct MeshSettings {
     pub endpoint_host: String,
     /// NB_PROXY_PRIVATE: accept HTTPS on the accounts' tunnel addresses for private services.
     pub private: bool,
+    /// NB_PROXY_PRESHARED_KEY: used with every peer of every account.
+    pub preshared_key: Option<PresharedKey>,
 }
 
 impl MeshSettings {
@@ -62,6 +66,10 @@ impl MeshSettings {
             wg_port,
             endpoint_host,
             private: args.private,
+            preshared_key: PresharedKey::parse(
+                "NB_PROXY_PRESHARED_KEY",
+                args.preshared_key.as_deref(),
+            )?,
         })
     }
 }
@@ -76,6 +84,7 @@ mod tests {
             wg_port: port.into(),
             endpoint_host: String::new(),
             private: false,
+            preshared_key: None,
         }
     }
 

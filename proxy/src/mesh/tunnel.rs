@@ -9,6 +9,7 @@ use wireguard_control::Key;
 
 use super::device::{self, DeviceSpec, PeerSpec, WgDevice};
 use super::inprocess::{InProcessMesh, InProcessPeer, InProcessSpec};
+use super::preshared_key::PresharedKey;
 use super::table::Carrier;
 
 /// The backend picked at start.
@@ -42,6 +43,7 @@ pub enum TunnelError {
 pub struct Peer {
     pub public_key: Key,
     pub allowed_ips: Vec<IpNet>,
+    pub preshared_key: Option<PresharedKey>,
 }
 
 /// A peer's state as every backend reports it.
@@ -124,6 +126,7 @@ impl Tunnel {
                         allowed_ips: p.allowed_ips.clone(),
                         endpoint: None,
                         persistent_keepalive: None,
+                        preshared_key: p.preshared_key.clone(),
                     })
                     .collect();
                 d.set_peers(&specs)?;
@@ -136,6 +139,7 @@ impl Tunnel {
                         allowed_ips: p.allowed_ips.clone(),
                         endpoint: None,
                         persistent_keepalive: None,
+                        preshared_key: p.preshared_key.clone(),
                     })
                     .collect();
                 m.set_peers(&specs)?;

@@ -73,6 +73,7 @@ fn tun_device_lifecycle() {
             allowed_ips: vec![net("100.64.0.2/32"), routed],
             endpoint: Some("192.0.2.1:51820".parse().expect("addr")),
             persistent_keepalive: Some(25),
+            preshared_key: None,
         }])
         .expect("set peers");
     let peers = device.peers().expect("peers");

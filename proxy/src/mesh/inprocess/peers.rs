@@ -12,6 +12,7 @@ use ipnet::IpNet;
 use wireguard_control::Key;
 
 use super::{InProcessPeer, InProcessPeerStatus};
+use crate::mesh::preshared_key::PresharedKey;
 
 /// boringtun puts our index in the top 24 bits of every receiver index it hands out.
 const INDEX_MASK: u32 = 0x00ff_ffff;
@@ -25,6 +26,7 @@ pub(super) struct Peer {
     /// The endpoint as last configured, so an unchanged config does not undo roaming.
     configured_endpoint: Option<SocketAddr>,
     keepalive: Option<u16>,
+    preshared_key: Option<PresharedKey>,
     index: u32,
     /// Bytes of authenticated datagrams from this peer, keepalives included (as the kernel and
     /// wireguard-go count): keepalives carry no payload, so boringtun's own count misses them,
@@ -70,14 +72,18 @@ impl PeerTable {
     }
 
     /// Replaces the peer set, keeping the session (and learned endpoint) of every peer whose
-    /// key stays, unless its keepalive changed: boringtun fixes that at creation.
+    /// key stays, unless its keepalive or pre-shared key changed: boringtun fixes both at
+    /// creation.
     pub(super) fn set(&mut self, wanted: &[InProcessPeer]) {
         let mut old: HashMap<[u8; 32], Peer> =
             self.peers.drain(..).map(|p| (p.public_key.0, p)).collect();
         let mut peers = Vec::with_capacity(wanted.len());
         for want in wanted {
             let peer = match old.remove(&want.public_key.0) {
-                Some(mut kept) if kept.keepalive == want.persistent_keepalive => {
+                Some(mut kept)
+                    if kept.keepalive == want.persistent_keepalive
+                        && kept.preshared_key == want.preshared_key =>
+                {
                     kept.allowed_ips.clone_from(&want.allowed_ips);
                     if kept.configured_endpoint != want.endpoint {
                         kept.configured_endpoint = want.endpoint;
@@ -105,7 +111,7 @@ impl PeerTable {
         let tunn = Tunn::new(
             self.secret.clone(),
             PublicKey::from(want.public_key.0),
-            None,
+            want.preshared_key.as_ref().map(|k| k.key().0),
             want.persistent_keepalive,
             index,
             None,
@@ -118,6 +124,7 @@ impl PeerTable {
             endpoint: want.endpoint,
             configured_endpoint: want.endpoint,
             keepalive: want.persistent_keepalive,
+            preshared_key: want.preshared_key.clone(),
             index,
             received: 0,
             last_received: None,
@@ -210,6 +217,7 @@ mod tests {
             allowed_ips: nets.iter().map(|n| n.parse().unwrap()).collect(),
             endpoint: None,
             persistent_keepalive: None,
+            preshared_key: None,
         }
     }
 
