@@ -148,8 +148,10 @@ pub fn run(selected: &[MeshWorkload], s: &Settings<'_>, machine: Machine) -> Res
         bed.contestants.len()
     );
     let edge = bed.net.edge.clone();
+    let edge_if = bed.net.edge_if.clone();
+    let management_pid = bed.management_pid;
     for &w in selected {
-        let result = rounds(w, &mut bed, &edge, s)?;
+        let result = rounds(w, &mut bed, &edge, &edge_if, s)?;
         match w {
             MeshWorkload::Tcp => report.tcp = Some(result),
             MeshWorkload::Https => report.https = Some(result),
@@ -165,6 +167,8 @@ pub fn run(selected: &[MeshWorkload], s: &Settings<'_>, machine: Machine) -> Res
             };
             let env = measure::Env {
                 ns: &edge,
+                edge_if: &edge_if,
+                management_pid,
                 load_cpus: s.placement.load_cpus.as_deref(),
                 duration: s.effort.duration,
                 script: s.script,
@@ -203,6 +207,7 @@ fn rounds(
     w: MeshWorkload,
     bed: &mut setup::Bed,
     edge: &str,
+    edge_if: &str,
     s: &Settings<'_>,
 ) -> Result<MeshResult> {
     let mut samples: BTreeMap<MeshPath, Vec<measure::MeshSample>> = BTreeMap::new();
@@ -220,6 +225,8 @@ fn rounds(
             }
             let env = measure::Env {
                 ns: edge,
+                edge_if,
+                management_pid: bed.management_pid,
                 load_cpus: s.placement.load_cpus.as_deref(),
                 duration: round.map_or(s.effort.warmup, |_| s.effort.duration),
                 script: s.script,

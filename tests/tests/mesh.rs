@@ -39,6 +39,15 @@ fn start_management(net: &MeshNet, dir: &TestDir) -> Management {
     )
 }
 
+/// Management with one account (its owner's API) and a proxy token of that account.
+fn start_account(net: &MeshNet, dir: &TestDir) -> (Management, Api, String) {
+    let m = start_management(net, dir);
+    let (_, pat) = m.bootstrap("a@example.test");
+    let api = m.api(&pat);
+    let (_, token) = api.create_proxy_token("mesh");
+    (m, api, token)
+}
+
 /// The mesh backends a proxy can be started with here.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Backend {
@@ -344,10 +353,7 @@ fn agent_peer_on(backend: Backend) {
     };
     let site = net.add_site("site").expect("site");
     let dir = TestDir::new("mesh-agent");
-    let m = start_management(&net, &dir);
-    let (_, pat) = m.bootstrap("a@example.test");
-    let api = m.api(&pat);
-    let (_, token) = api.create_proxy_token("mesh");
+    let (m, api, token) = start_account(&net, &dir);
     let proxy = start_proxy(&net, &m, &token, "mesh.test", backend);
     let mut agent = Agent::new(
         &site.ns,
@@ -498,10 +504,7 @@ fn preshared_key_on(backend: Backend) {
     let same_site = net.add_site("psk").expect("site");
     let other_site = net.add_site("otherpsk").expect("site");
     let dir = TestDir::new("mesh-psk");
-    let m = start_management(&net, &dir);
-    let (_, pat) = m.bootstrap("a@example.test");
-    let api = m.api(&pat);
-    let (_, token) = api.create_proxy_token("mesh");
+    let (m, api, token) = start_account(&net, &dir);
     let genpsk = || {
         run("wg", &["genpsk"])
             .expect("wg genpsk")
@@ -628,10 +631,7 @@ fn stock_wireguard_peer_on(backend: Backend) {
     };
     let laptop = net.add_site("wg").expect("site");
     let dir = TestDir::new("mesh-stock");
-    let m = start_management(&net, &dir);
-    let (_, pat) = m.bootstrap("a@example.test");
-    let api = m.api(&pat);
-    let (_, token) = api.create_proxy_token("mesh");
+    let (m, api, token) = start_account(&net, &dir);
     let proxy = start_proxy(&net, &m, &token, "mesh.test", backend);
     let iface = net.iface_name("s");
     let diag = || diagnose(&net, &[&proxy], &[&iface]);
@@ -748,10 +748,7 @@ fn routing_peer_reaches_its_networks_on(backend: Backend) {
     let site = net.add_site("site").expect("site");
     let lan = net.add_lan(&site, "10.88.0", &[2, 3]).expect("lan");
     let dir = TestDir::new("mesh-routing");
-    let m = start_management(&net, &dir);
-    let (_, pat) = m.bootstrap("a@example.test");
-    let api = m.api(&pat);
-    let (_, token) = api.create_proxy_token("mesh");
+    let (m, api, token) = start_account(&net, &dir);
     let proxy = start_proxy(&net, &m, &token, "mesh.test", backend);
     let mut agent = Agent::new(
         &site.ns,
@@ -1191,10 +1188,7 @@ fn private_services_over_the_mesh() {
     };
     let site = net.add_site("site").expect("site");
     let dir = TestDir::new("mesh-private");
-    let mut m = start_management(&net, &dir);
-    let (_, pat) = m.bootstrap("a@example.test");
-    let api = m.api(&pat);
-    let (_, token) = api.create_proxy_token("mesh");
+    let (mut m, api, token) = start_account(&net, &dir);
     let proxy = start_proxy_with(
         &net,
         &m,

@@ -11,7 +11,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 use super::MeshWorkload;
-use super::net::within;
+use super::net::{packets, within};
 use super::setup::MeshContestant;
 use crate::contestants::find_program;
 use crate::process::{CpuTime, cpu_time, pinned};
@@ -42,6 +42,12 @@ pub struct MeshSample {
     pub p99_us: Option<f64>,
     #[serde(default)]
     pub retransmits: Option<u64>,
+    /// WireGuard packets between edge and site (both ways) per op.
+    #[serde(default)]
+    pub tunnel_packets_per_op: Option<f64>,
+    /// Management's CPU per op, µs (it runs on the load CPUs).
+    #[serde(default)]
+    pub management_cpu_us_per_op: Option<f64>,
 }
 
 /// A process and every process below it, whichever of its threads started them.
@@ -72,6 +78,10 @@ pub fn tree(pid: u32) -> Vec<u32> {
 
 pub struct Env<'a> {
     pub ns: &'a str,
+    /// The edge's veth: the tunnel's UDP packets, and nothing else during a run, cross it.
+    pub edge_if: &'a str,
+    /// Management, which stores an access-log entry per request through a proxy.
+    pub management_pid: u32,
     pub load_cpus: Option<&'a str>,
     pub duration: Duration,
     pub script: &'a Path,
@@ -79,14 +89,21 @@ pub struct Env<'a> {
 
 pub fn run(w: MeshWorkload, c: &MeshContestant, env: &Env<'_>, round: usize) -> Result<MeshSample> {
     let (edge, site) = (tree(c.edge_pid), tree(c.site_pid));
-    let (e0, s0) = (cpu_time(&edge), cpu_time(&site));
+    let packets_before = packets(env.ns, env.edge_if)?;
+    let management = [env.management_pid];
+    let (e0, s0, m0) = (cpu_time(&edge), cpu_time(&site), cpu_time(&management));
     let done = match w {
         MeshWorkload::Tcp => tcp(c.tcp, env)?,
         MeshWorkload::Https => https(c, env)?,
     };
     let e = cpu_time(&edge).since(e0);
     let s = cpu_time(&site).since(s0);
-    Ok(sample(round, done, e, s))
+    let m = cpu_time(&management).since(m0);
+    let tunnel_packets = packets(env.ns, env.edge_if)?.saturating_sub(packets_before);
+    let mut sample = sample(round, done, e, s);
+    sample.tunnel_packets_per_op = Some(tunnel_packets as f64 / sample.ops.max(1e-9));
+    sample.management_cpu_us_per_op = Some(m.total_us() as f64 / sample.ops.max(1e-9));
+    Ok(sample)
 }
 
 /// What a run completed.
@@ -112,6 +129,8 @@ fn sample(round: usize, d: Done, edge: CpuTime, site: CpuTime) -> MeshSample {
         p50_us: d.p50_us,
         p99_us: d.p99_us,
         retransmits: d.retransmits,
+        tunnel_packets_per_op: None,
+        management_cpu_us_per_op: None,
     }
 }
 

@@ -17,6 +17,8 @@ pub const SITE_IP: Ipv4Addr = Ipv4Addr::new(10, 214, 0, 2);
 pub struct EdgeSite {
     pub edge: String,
     pub site: String,
+    /// The edge's end of the veth pair: every packet between the namespaces crosses it.
+    pub edge_if: String,
 }
 
 impl EdgeSite {
@@ -26,11 +28,12 @@ impl EdgeSite {
         let pair = EdgeSite {
             edge: format!("{PREFIX}{pid}-edge"),
             site: format!("{PREFIX}{pid}-site"),
+            edge_if: format!("pme{pid}"),
         };
         // The guard exists from here: whatever is made below is deleted on failure too.
         ip(&["netns", "add", &pair.edge])?;
         ip(&["netns", "add", &pair.site])?;
-        let (e_if, s_if) = (format!("pme{pid}"), format!("pms{pid}"));
+        let (e_if, s_if) = (pair.edge_if.clone(), format!("pms{pid}"));
         ip(&[
             "link", "add", &e_if, "netns", &pair.edge, "type", "veth", "peer", "name", &s_if,
             "netns", &pair.site,
@@ -125,3 +128,17 @@ fn remove_stale() {
 /// Runs `f` on a thread that has entered namespace `ns`; processes it starts are born there
 /// too (a child inherits the forking thread's namespace).
 pub use crate::l4::netns::within;
+
+/// Packets `dev` in namespace `ns` has sent plus received so far.
+pub fn packets(ns: &str, dev: &str) -> Result<u64> {
+    let json = output("ip", &["-n", ns, "-s", "-j", "link", "show", "dev", dev])?;
+    let v: serde_json::Value = serde_json::from_str(&json).context("ip -s -j link")?;
+    let stats = &v[0]["stats64"];
+    match (
+        stats["rx"]["packets"].as_u64(),
+        stats["tx"]["packets"].as_u64(),
+    ) {
+        (Some(rx), Some(tx)) => Ok(rx + tx),
+        _ => bail!("no packet counters for {dev} in {ns}: {json}"),
+    }
+}

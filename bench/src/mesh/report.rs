@@ -49,6 +49,10 @@ pub struct MeshMedians {
     pub p50_us: Option<f64>,
     pub p99_us: Option<f64>,
     pub retransmits: Option<f64>,
+    #[serde(default)]
+    pub tunnel_packets_per_op: Option<f64>,
+    #[serde(default)]
+    pub management_cpu_us_per_op: Option<f64>,
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -83,6 +87,8 @@ impl MeshResult {
                         p50_us: of(&|s| s.p50_us),
                         p99_us: of(&|s| s.p99_us),
                         retransmits: of(&|s| s.retransmits.map(|r| r as f64)),
+                        tunnel_packets_per_op: of(&|s| s.tunnel_packets_per_op),
+                        management_cpu_us_per_op: of(&|s| s.management_cpu_us_per_op),
                     },
                 )
             })
@@ -282,6 +288,17 @@ fn result_markdown(s: &mut String, r: &MeshResult) {
         (format!("site CPU µs per {}", op(w)), |m| {
             Some(m.site_cpu_us_per_op)
         }),
+        (
+            format!(
+                "management CPU µs per {} (access log; on the load CPUs)",
+                op(w)
+            ),
+            |m| m.management_cpu_us_per_op,
+        ),
+        (
+            format!("WireGuard packets per {} (both ways)", op(w)),
+            |m| m.tunnel_packets_per_op,
+        ),
     ];
     match w {
         MeshWorkload::Tcp => rows.push(("TCP retransmits (sender)".into(), |m| m.retransmits)),

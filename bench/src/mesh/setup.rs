@@ -54,6 +54,8 @@ pub struct Bed {
     /// Paths that never carried the check request (a bug to fix: reported, the bench fails).
     pub failed: std::collections::BTreeMap<MeshPath, String>,
     pub net: EdgeSite,
+    /// Management's PID: the proxies send it an access-log entry per request.
+    pub management_pid: u32,
 }
 
 impl Drop for Bed {
@@ -109,6 +111,7 @@ pub fn start(s: &Settings<'_>) -> Result<Bed> {
         agent_ip: IpAddr::V4(Ipv4Addr::UNSPECIFIED),
         failed: Default::default(),
         net,
+        management_pid: 0,
     };
     let pid = std::process::id();
     let dir = s.dir;
@@ -202,6 +205,7 @@ pub fn start(s: &Settings<'_>) -> Result<Bed> {
         ]),
         dir.join("management.log"),
     )?;
+    bed.management_pid = server.pid();
     bed.servers.push(server);
     let up = poll(Duration::from_secs(20), || {
         matches!(

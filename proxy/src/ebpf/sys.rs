@@ -84,35 +84,29 @@ pub(super) fn raise_send_buffer(socket: BorrowedFd<'_>, bytes: usize) -> io::Res
     }
     // The kernel doubles the value it is given (half of the buffer is its bookkeeping).
     let half = libc::c_int::try_from(bytes / 2).unwrap_or(libc::c_int::MAX);
-    // SAFETY: a plain int option, passed with its size.
-    let ret = unsafe {
-        libc::setsockopt(
-            socket.as_raw_fd(),
-            libc::SOL_SOCKET,
-            libc::SO_SNDBUFFORCE,
-            std::ptr::from_ref(&half).cast(),
-            size_of::<libc::c_int>() as libc::socklen_t,
-        )
-    };
-    if ret < 0 {
-        Err(io::Error::last_os_error())
-    } else {
-        Ok(())
-    }
+    set_int_option(socket, libc::SO_SNDBUFFORCE, half)
 }
 
 /// Sets `SO_RCVLOWAT` to 1 (the default, so nothing else changes). TCP answers any
 /// `SO_RCVLOWAT` by calling its data-ready path when bytes are queued, which is what runs the
 /// stream parser over bytes that arrived before the socket entered the map.
 pub(super) fn kick_receive_queue(socket: BorrowedFd<'_>) -> io::Result<()> {
-    let one: libc::c_int = 1;
+    set_int_option(socket, libc::SO_RCVLOWAT, 1)
+}
+
+/// `setsockopt(SOL_SOCKET, option, value)` for an int option.
+fn set_int_option(
+    socket: BorrowedFd<'_>,
+    option: libc::c_int,
+    value: libc::c_int,
+) -> io::Result<()> {
     // SAFETY: a plain int option, passed with its size.
     let ret = unsafe {
         libc::setsockopt(
             socket.as_raw_fd(),
             libc::SOL_SOCKET,
-            libc::SO_RCVLOWAT,
-            std::ptr::from_ref(&one).cast(),
+            option,
+            std::ptr::from_ref(&value).cast(),
             size_of::<libc::c_int>() as libc::socklen_t,
         )
     };
