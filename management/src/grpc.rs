@@ -2,6 +2,7 @@
 //! services `ProxyMesh` (proxies) and `Agent` (`portcullis agent`).
 //! The proxy token travels as `authorization: Bearer <token>` metadata on every call.
 
+mod access_log_writer;
 mod agent;
 mod auth;
 mod mappings;
@@ -30,9 +31,27 @@ pub struct ProxyServiceImpl {
     pub heartbeat: Duration,
     /// Single sign-on (`GetOIDCURL`).
     pub sso: std::sync::Arc<crate::oidc::sign_in::Sso>,
+    /// Stores `SendAccessLog` entries in batches.
+    access_logs: access_log_writer::AccessLogWriter,
 }
 
 impl ProxyServiceImpl {
+    /// Starts the access-log writer on the current tokio runtime.
+    pub fn new(
+        store: Store,
+        bus: ChangeBus,
+        heartbeat: Duration,
+        sso: std::sync::Arc<crate::oidc::sign_in::Sso>,
+    ) -> ProxyServiceImpl {
+        ProxyServiceImpl {
+            access_logs: access_log_writer::AccessLogWriter::start(store.clone()),
+            store,
+            bus,
+            heartbeat,
+            sso,
+        }
+    }
+
     async fn authenticate<T>(&self, req: &Request<T>) -> Result<ProxyToken, Status> {
         let header = req
             .metadata()

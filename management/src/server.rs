@@ -118,12 +118,12 @@ impl Management {
         self,
         shutdown: impl std::future::Future<Output = ()> + Send + 'static,
     ) -> Result<(), ServeError> {
-        let svc = ProxyServiceImpl {
-            store: self.store.clone(),
-            bus: self.bus.clone(),
-            heartbeat: self.heartbeat,
-            sso: self.sso.clone(),
-        };
+        let svc = ProxyServiceImpl::new(
+            self.store.clone(),
+            self.bus.clone(),
+            self.heartbeat,
+            self.sso.clone(),
+        );
         let agent = AgentService {
             store: self.store.clone(),
             bus: self.bus.clone(),

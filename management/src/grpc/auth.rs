@@ -9,6 +9,7 @@ use proto::{
 use tonic::Status;
 
 use super::ProxyServiceImpl;
+use super::access_log_writer::WriteError;
 use crate::credentials;
 use crate::oidc::sign_in::{self, SignInError};
 use crate::store::{AccessLogRow, ProxyToken, ServiceAuthRow, ServiceRecord, now};
@@ -248,7 +249,11 @@ pub async fn send_access_log(
         protocol: clip(log.protocol),
         metadata: clip(metadata),
     };
-    svc.store.insert_access_log(&row).await.map_err(store_error)
+    svc.access_logs.write(row).await.map_err(|e| match e {
+        WriteError::Busy => Status::resource_exhausted(e.to_string()),
+        WriteError::Stopped => Status::unavailable(e.to_string()),
+        WriteError::Store(e) => store_error(e),
+    })
 }
 
 #[cfg(test)]
@@ -319,12 +324,12 @@ mod tests {
             .await
             .unwrap();
         World {
-            svc: ProxyServiceImpl {
+            svc: ProxyServiceImpl::new(
                 store,
-                bus: ChangeBus::new(),
-                heartbeat: Duration::from_secs(60),
-                sso: crate::oidc::sign_in::Sso::for_tests(),
-            },
+                ChangeBus::new(),
+                Duration::from_secs(60),
+                crate::oidc::sign_in::Sso::for_tests(),
+            ),
             account: a,
             service,
             own,

@@ -164,12 +164,12 @@ mod tests {
             .create_proxy_token(Some(&b.id), "b", None)
             .await
             .unwrap();
-        let svc = ProxyServiceImpl {
-            store: store.clone(),
-            bus: ChangeBus::new(),
-            heartbeat: Duration::from_secs(60),
-            sso: crate::oidc::sign_in::Sso::for_tests(),
-        };
+        let svc = ProxyServiceImpl::new(
+            store.clone(),
+            ChangeBus::new(),
+            Duration::from_secs(60),
+            crate::oidc::sign_in::Sso::for_tests(),
+        );
         let mut mesh_events = svc.bus.subscribe_mesh();
         let mut batch = vec![ProxyMapping {
             id: "svc1".into(),

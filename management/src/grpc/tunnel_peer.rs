@@ -213,12 +213,12 @@ mod tests {
         let server = agent(&store, &a, "server").await;
         let (own, _) = store.create_proxy_token(Some(&a), "a", None).await.unwrap();
         let (other, _) = store.create_proxy_token(Some(&b), "b", None).await.unwrap();
-        let svc = ProxyServiceImpl {
+        let svc = ProxyServiceImpl::new(
             store,
-            bus: ChangeBus::new(),
-            heartbeat: Duration::from_secs(60),
-            sso: crate::oidc::sign_in::Sso::for_tests(),
-        };
+            ChangeBus::new(),
+            Duration::from_secs(60),
+            crate::oidc::sign_in::Sso::for_tests(),
+        );
         let (laptop_ip, server_ip) = (laptop.tunnel_ip.to_string(), server.tunnel_ip.to_string());
         let domain = "app.proxy.example";
         let r = ask(&svc, &own, &laptop_ip, domain).await;

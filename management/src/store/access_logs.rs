@@ -135,33 +135,56 @@ enum Param {
     Int(i64),
 }
 
+/// Values per row of `access_logs`.
+const COLUMN_COUNT: usize = 17;
+/// Rows in one INSERT: 256 × 17 parameters stays far below SQLite's and PostgreSQL's limits.
+pub const MAX_ROWS_PER_INSERT: usize = 256;
+
 impl Store {
     pub async fn insert_access_log(&self, r: &AccessLogRow) -> Result<(), StoreError> {
-        sqlx::query(
-            "INSERT INTO access_logs (id, account_id, service_id, timestamp_ms, method, host, path, \
-             duration_ms, status_code, source_ip, auth_method, user_id, auth_success, bytes_upload, \
-             bytes_download, protocol, metadata) \
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17)",
-        )
-        .bind(&r.id)
-        .bind(&r.account_id)
-        .bind(&r.service_id)
-        .bind(r.timestamp_ms)
-        .bind(&r.method)
-        .bind(&r.host)
-        .bind(&r.path)
-        .bind(r.duration_ms)
-        .bind(r.status_code)
-        .bind(&r.source_ip)
-        .bind(&r.auth_method)
-        .bind(&r.user_id)
-        .bind(i64::from(r.auth_success))
-        .bind(r.bytes_upload)
-        .bind(r.bytes_download)
-        .bind(&r.protocol)
-        .bind(&r.metadata)
-        .execute(self.pool())
-        .await?;
+        self.insert_access_logs(&[r]).await
+    }
+
+    /// Inserts `rows` (at most [`MAX_ROWS_PER_INSERT`]) in one statement: all or none.
+    pub async fn insert_access_logs(&self, rows: &[&AccessLogRow]) -> Result<(), StoreError> {
+        if rows.is_empty() {
+            return Ok(());
+        }
+        let placeholders: Vec<String> = (0..rows.len())
+            .map(|row| {
+                let first = row * COLUMN_COUNT + 1;
+                let list: Vec<String> = (first..first + COLUMN_COUNT)
+                    .map(|n| format!("${n}"))
+                    .collect();
+                format!("({})", list.join(", "))
+            })
+            .collect();
+        let sql = format!(
+            "INSERT INTO access_logs ({COLUMNS}) VALUES {}",
+            placeholders.join(", ")
+        );
+        let mut query = sqlx::query(AssertSqlSafe(sql));
+        for r in rows {
+            query = query
+                .bind(&r.id)
+                .bind(&r.account_id)
+                .bind(&r.service_id)
+                .bind(r.timestamp_ms)
+                .bind(&r.method)
+                .bind(&r.host)
+                .bind(&r.path)
+                .bind(r.duration_ms)
+                .bind(r.status_code)
+                .bind(&r.source_ip)
+                .bind(&r.auth_method)
+                .bind(&r.user_id)
+                .bind(i64::from(r.auth_success))
+                .bind(r.bytes_upload)
+                .bind(r.bytes_download)
+                .bind(&r.protocol)
+                .bind(&r.metadata);
+        }
+        query.execute(self.pool()).await?;
         Ok(())
     }
 
