@@ -376,7 +376,7 @@ pub struct AcmeArgs {
 }
 
 /// The WireGuard mesh through which targets on peers and private networks are reached.
-#[derive(Debug, Args, Clone)]
+#[derive(Args, Clone)]
 #[command(next_help_heading = "WireGuard mesh")]
 pub struct MeshArgs {
     /// How the proxy joins each account's WireGuard mesh: `auto` (kernel WireGuard, else
@@ -417,6 +417,22 @@ pub struct MeshArgs {
         hide_env_values = true
     )]
     pub preshared_key: Option<String>,
+}
+
+/// Never prints the pre-shared key, even in debug output.
+impl std::fmt::Debug for MeshArgs {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("MeshArgs")
+            .field("backend", &self.backend)
+            .field("wg_port", &self.wg_port)
+            .field("endpoint_host", &self.endpoint_host)
+            .field("private", &self.private)
+            .field(
+                "preshared_key",
+                &self.preshared_key.as_ref().map(|_| "<redacted>"),
+            )
+            .finish()
+    }
 }
 
 /// NetBird settings accepted so that existing env files work, but not acted on yet.

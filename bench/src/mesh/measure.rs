@@ -78,7 +78,8 @@ pub fn tree(pid: u32) -> Vec<u32> {
 
 pub struct Env<'a> {
     pub ns: &'a str,
-    /// The edge's veth: the tunnel's UDP packets, and nothing else during a run, cross it.
+    /// The edge's veth: during a run almost only the tunnel's UDP packets cross it (besides the
+    /// agent's few gRPC messages to management).
     pub edge_if: &'a str,
     /// Management, which stores an access-log entry per request through a proxy.
     pub management_pid: u32,
@@ -91,6 +92,8 @@ pub fn run(w: MeshWorkload, c: &MeshContestant, env: &Env<'_>, round: usize) -> 
     let (edge, site) = (tree(c.edge_pid), tree(c.site_pid));
     let packets_before = packets(env.ns, env.edge_if)?;
     let management = [env.management_pid];
+    // Management may still be storing access logs of the previous run: that is not this run's.
+    wait_until_idle(&management);
     let (e0, s0, m0) = (cpu_time(&edge), cpu_time(&site), cpu_time(&management));
     let done = match w {
         MeshWorkload::Tcp => tcp(c.tcp, env)?,
@@ -98,12 +101,27 @@ pub fn run(w: MeshWorkload, c: &MeshContestant, env: &Env<'_>, round: usize) -> 
     };
     let e = cpu_time(&edge).since(e0);
     let s = cpu_time(&site).since(s0);
+    // ...and what this run left it to store is.
+    wait_until_idle(&management);
     let m = cpu_time(&management).since(m0);
     let tunnel_packets = packets(env.ns, env.edge_if)?.saturating_sub(packets_before);
     let mut sample = sample(round, done, e, s);
     sample.tunnel_packets_per_op = Some(tunnel_packets as f64 / sample.ops.max(1e-9));
     sample.management_cpu_us_per_op = Some(m.total_us() as f64 / sample.ops.max(1e-9));
     Ok(sample)
+}
+
+/// Waits (at most 10 s) until `pids` use under 5 % of a CPU over a quarter of a second.
+fn wait_until_idle(pids: &[u32]) {
+    const WINDOW: Duration = Duration::from_millis(250);
+    for _ in 0..40 {
+        let before = cpu_time(pids);
+        std::thread::sleep(WINDOW);
+        if cpu_time(pids).since(before).total_us() < WINDOW.as_micros() as u64 / 20 {
+            return;
+        }
+    }
+    eprintln!("bench: management did not go idle within 10 s; its CPU is counted as it is");
 }
 
 /// What a run completed.

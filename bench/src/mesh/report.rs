@@ -290,7 +290,7 @@ fn result_markdown(s: &mut String, r: &MeshResult) {
         }),
         (
             format!(
-                "management CPU µs per {} (access log; on the load CPUs)",
+                "management CPU µs per {} (access log, until idle again; on the load CPUs)",
                 op(w)
             ),
             |m| m.management_cpu_us_per_op,

@@ -163,7 +163,7 @@ impl Settings {
             ca_file: args.management_ca_file.clone(),
             allow_insecure: args.allow_insecure,
             preshared_key: PresharedKey::parse(
-                "PORTCULLIS_AGENT_PRESHARED_KEY",
+                "PORTCULLIS_AGENT_PRESHARED_KEY (--preshared-key)",
                 args.preshared_key.as_deref(),
             )?,
         })

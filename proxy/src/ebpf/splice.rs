@@ -96,11 +96,6 @@ impl Splicer {
                 source: std::io::Error::from_raw_os_error(libc::EINVAL),
             });
         }
-        for socket in [a, b] {
-            if let Err(e) = sys::raise_send_buffer(socket, SPLICED_SEND_BUFFER) {
-                warn_send_buffer_once(&e);
-            }
-        }
         // Taken before any map holds them: only then does FIONREAD report TCP's own queue.
         let mark = SpliceMark {
             a: StreamMark::take(a)?,
@@ -123,6 +118,12 @@ impl Splicer {
         }
         if let Err(e) = insert(sockets, cb, b, "cannot start on the second socket") {
             return Err(self.undo_half_splice(a, ca, cb, &mark, e));
+        }
+        // Only a spliced pair gets it: a pair that falls back to copying keeps autotuning.
+        for socket in [a, b] {
+            if let Err(e) = sys::raise_send_buffer(socket, SPLICED_SEND_BUFFER) {
+                warn_send_buffer_once(&e);
+            }
         }
         // Bytes that arrived before the sockets entered the map sit in their receive queues
         // until TCP next calls data-ready; make it do so now, or a request sent before the

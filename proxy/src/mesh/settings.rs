@@ -67,7 +67,7 @@ impl MeshSettings {
             endpoint_host,
             private: args.private,
             preshared_key: PresharedKey::parse(
-                "NB_PROXY_PRESHARED_KEY",
+                "NB_PROXY_PRESHARED_KEY (--preshared-key)",
                 args.preshared_key.as_deref(),
             )?,
         })

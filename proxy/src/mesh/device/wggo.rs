@@ -157,6 +157,13 @@ fn spawn(name: &str) -> Result<Child, DeviceError> {
 
 fn command(name: &str) -> Command {
     let mut cmd = Command::new("wireguard-go");
+    // Our environment holds secrets (the proxy token, the pre-shared key, a setup key) that
+    // the child has no use for and would expose in its /proc environ: it gets only its own
+    // settings and the Go runtime's.
+    cmd.env_clear().envs(
+        std::env::vars_os()
+            .filter(|(k, _)| k == "LOG_LEVEL" || k.to_string_lossy().starts_with("GO")),
+    );
     cmd.arg("-f")
         .arg(name)
         .stdin(Stdio::null())

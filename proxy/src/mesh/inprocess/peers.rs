@@ -239,4 +239,27 @@ mod tests {
         assert!(table.peers[0].endpoint.is_some(), "learned endpoint kept");
         assert_eq!(table.route("10.0.0.1".parse().unwrap()), Some(0));
     }
+
+    #[test]
+    fn a_changed_preshared_key_starts_a_new_session() {
+        let a = Key::generate_private().get_public();
+        let mut table = PeerTable::new(&Key::generate_private(), 7);
+        table.set(&[peer(&a, &["100.64.0.2/32"])]);
+        let plain = table.peers[0].index;
+        let psk = PresharedKey::parse("X", Some(&Key::generate_preshared().to_base64()))
+            .unwrap()
+            .expect("set");
+        let with_key = InProcessPeer {
+            preshared_key: Some(psk),
+            ..peer(&a, &["100.64.0.2/32"])
+        };
+        table.set(std::slice::from_ref(&with_key));
+        let keyed = table.peers[0].index;
+        assert_ne!(keyed, plain, "the key is fixed at creation: a new session");
+        table.set(&[with_key]);
+        assert_eq!(
+            table.peers[0].index, keyed,
+            "the same key keeps the session"
+        );
+    }
 }
