@@ -356,6 +356,18 @@ mod tests {
         Caller(c.0.clone())
     }
 
+    /// Deleting the group is refused: a service still lets it in.
+    async fn assert_group_in_use(st: &AppState, owner: &Caller, group_id: &str) {
+        let e = super::super::sso::delete_group(
+            State(st.clone()),
+            caller(owner),
+            Path(group_id.to_string()),
+        )
+        .await
+        .unwrap_err();
+        assert_eq!(e.status, StatusCode::CONFLICT);
+    }
+
     #[tokio::test]
     async fn private_services_keep_a_session_key_and_their_groups() {
         let (st, owner) = state().await;
@@ -409,14 +421,7 @@ mod tests {
             .unwrap();
         let mapping = st.store.mapping_for(&record).await.unwrap();
         assert!(mapping.private && mapping.auth.is_none(), "{mapping:?}");
-        let e = super::super::sso::delete_group(
-            State(st.clone()),
-            caller(&owner),
-            Path(staff.id.clone()),
-        )
-        .await
-        .unwrap_err();
-        assert_eq!(e.status, StatusCode::CONFLICT);
+        assert_group_in_use(&st, &owner, &staff.id).await;
     }
 
     #[tokio::test]
@@ -460,14 +465,7 @@ mod tests {
         assert_eq!(stored.sso_groups, Some(vec![staff.id.clone()]));
         assert!(crate::credentials::to_proto(&stored).oidc);
         // In use: neither the group nor the provider can go.
-        let e = super::super::sso::delete_group(
-            State(st.clone()),
-            caller(&owner),
-            Path(staff.id.clone()),
-        )
-        .await
-        .unwrap_err();
-        assert_eq!(e.status, StatusCode::CONFLICT);
+        assert_group_in_use(&st, &owner, &staff.id).await;
         let e = super::super::sso::delete_provider(State(st.clone()), caller(&owner))
             .await
             .unwrap_err();
