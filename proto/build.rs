@@ -1,12 +1,16 @@
-//! Compiles `proto/proxy_service.proto` and our mesh extension
-//! `proto/portcullis_mesh.proto` into Rust types, a tonic client and a
-//! tonic server. Uses the vendored `protoc` so no system protobuf install is
+//! Compiles `proto/proxy_service.proto` and our extensions
+//! `proto/portcullis_mesh.proto` and `proto/portcullis_logs.proto` into Rust
+//! types, tonic clients and tonic servers. Uses the vendored `protoc` so no system protobuf install is
 //! needed; the vendored binary also finds the well-known types
 //! (`google/protobuf/*.proto`) on its own.
 
 use std::error::Error;
 
-const PROTOS: [&str; 2] = ["proto/proxy_service.proto", "proto/portcullis_mesh.proto"];
+const PROTOS: [&str; 3] = [
+    "proto/proxy_service.proto",
+    "proto/portcullis_mesh.proto",
+    "proto/portcullis_logs.proto",
+];
 
 fn main() -> Result<(), Box<dyn Error>> {
     for proto in PROTOS {

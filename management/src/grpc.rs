@@ -1,8 +1,10 @@
-//! The gRPC `ProxyService` that proxies dial: mapping streams and status updates; the mesh
-//! services `ProxyMesh` (proxies) and `Agent` (`portcullis agent`).
+//! The gRPC `ProxyService` that proxies dial: mapping streams and status updates; our
+//! extensions `ProxyAccessLogs` (batched access logs) and the mesh services `ProxyMesh`
+//! (proxies) and `Agent` (`portcullis agent`).
 //! The proxy token travels as `authorization: Bearer <token>` metadata on every call.
 
 mod access_log_writer;
+mod access_logs;
 mod agent;
 mod auth;
 mod mappings;
@@ -165,7 +167,7 @@ impl ProxyService for ProxyServiceImpl {
         request: Request<SendAccessLogRequest>,
     ) -> Result<Response<SendAccessLogResponse>, Status> {
         let token = self.authenticate(&request).await?;
-        auth::send_access_log(self, &token, request.into_inner().log).await?;
+        access_logs::send_access_log(self, &token, request.into_inner().log).await?;
         Ok(Response::new(SendAccessLogResponse {}))
     }
 

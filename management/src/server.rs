@@ -3,6 +3,7 @@
 use std::net::SocketAddr;
 use std::time::Duration;
 
+use proto::logs::proxy_access_logs_server::ProxyAccessLogsServer;
 use proto::mesh::agent_server::AgentServer;
 use proto::mesh::proxy_mesh_server::ProxyMeshServer;
 use proto::proxy_service_server::ProxyServiceServer;
@@ -144,6 +145,7 @@ impl Management {
         let grpc = builder
             .http2_keepalive_interval(Some(Duration::from_secs(20)))
             .http2_keepalive_timeout(Some(Duration::from_secs(20)))
+            .add_service(ProxyAccessLogsServer::new(svc.clone()))
             .add_service(ProxyMeshServer::new(svc.clone()))
             .add_service(AgentServer::new(agent))
             .add_service(ProxyServiceServer::new(svc))

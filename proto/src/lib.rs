@@ -25,3 +25,18 @@ pub mod mesh {
 }
 
 pub mod session;
+
+/// Code generated from `proto/portcullis_logs.proto`: our batched access-log extension (a
+/// separate service, so a NetBird management answers `UNIMPLEMENTED`).
+pub use portcullis::logs::v1 as logs;
+
+/// Nested like the protobuf package, because the generated code names NetBird's `AccessLog` by
+/// its path relative to the package (`super::super::super::management`).
+mod portcullis {
+    pub mod logs {
+        #[allow(clippy::all, clippy::pedantic)]
+        pub mod v1 {
+            tonic::include_proto!("portcullis.logs.v1");
+        }
+    }
+}

@@ -42,6 +42,12 @@ impl AccessLogWriter {
 
     /// Stores `row`; returns once it is stored (or refused).
     pub async fn write(&self, row: AccessLogRow) -> Result<(), WriteError> {
+        self.enqueue(row)?.stored().await
+    }
+
+    /// Queues `row` without waiting; the answer tells when it is stored. Many rows queued
+    /// back to back go into the same statement.
+    pub fn enqueue(&self, row: AccessLogRow) -> Result<Queued, WriteError> {
         let (stored, outcome) = oneshot::channel();
         self.queue
             .try_send(Pending { row, stored })
@@ -49,7 +55,17 @@ impl AccessLogWriter {
                 mpsc::error::TrySendError::Full(_) => WriteError::Busy,
                 mpsc::error::TrySendError::Closed(_) => WriteError::Stopped,
             })?;
-        outcome.await.map_err(|_| WriteError::Stopped)??;
+        Ok(Queued(outcome))
+    }
+}
+
+/// A queued row.
+pub struct Queued(oneshot::Receiver<Result<(), StoreError>>);
+
+impl Queued {
+    /// Returns once the row is stored (or refused).
+    pub async fn stored(self) -> Result<(), WriteError> {
+        self.0.await.map_err(|_| WriteError::Stopped)??;
         Ok(())
     }
 }

@@ -1,21 +1,20 @@
 //! The calls a proxy makes while it answers a request: `Authenticate` (a password, PIN or header
-//! value entered at the proxy), `ValidateSession`, and `SendAccessLog`.
+//! value entered at the proxy), `ValidateSession` and `GetOIDCURL`.
 
 use proto::session::{SessionClaims, SessionGrant, SessionVerifier};
 use proto::{
-    AccessLog, AuthenticateRequest, AuthenticateResponse, GetOidcurlRequest, GetOidcurlResponse,
+    AuthenticateRequest, AuthenticateResponse, GetOidcurlRequest, GetOidcurlResponse,
     ValidateSessionRequest, ValidateSessionResponse, authenticate_request,
 };
 use tonic::Status;
 
 use super::ProxyServiceImpl;
-use super::access_log_writer::WriteError;
 use crate::credentials;
 use crate::oidc::sign_in::{self, SignInError};
-use crate::store::{AccessLogRow, ProxyToken, ServiceAuthRow, ServiceRecord, now};
+use crate::store::{ProxyToken, ServiceAuthRow, ServiceRecord, now};
 
 /// An account-scoped proxy token may only act on its own account.
-fn check_scope(token: &ProxyToken, account_id: &str) -> Result<(), Status> {
+pub(super) fn check_scope(token: &ProxyToken, account_id: &str) -> Result<(), Status> {
     match token.account_id.as_deref() {
         Some(own) if own != account_id => Err(Status::permission_denied(
             "this proxy token cannot act on another account's services",
@@ -200,60 +199,6 @@ pub async fn oidc_url(
             })
         }
     }
-}
-
-/// Longest text kept per field: logs are evidence, not a place to store payloads.
-const MAX_FIELD: usize = 2048;
-
-fn clip(s: String) -> String {
-    if s.len() <= MAX_FIELD {
-        return s;
-    }
-    s[..s.floor_char_boundary(MAX_FIELD)].to_string()
-}
-
-pub async fn send_access_log(
-    svc: &ProxyServiceImpl,
-    token: &ProxyToken,
-    log: Option<AccessLog>,
-) -> Result<(), Status> {
-    let log = log.ok_or_else(|| Status::invalid_argument("log is required"))?;
-    check_scope(token, &log.account_id)?;
-    // The service must be the account's: a proxy cannot write into another account's logs.
-    svc.store
-        .service(&log.account_id, &log.service_id)
-        .await
-        .map_err(store_error)?
-        .ok_or_else(|| Status::not_found(format!("service {} not found", log.service_id)))?;
-    let timestamp_ms = log
-        .timestamp
-        .map(|t| t.seconds * 1000 + i64::from(t.nanos / 1_000_000))
-        .unwrap_or_else(|| now() * 1000);
-    let metadata = serde_json::to_string(&log.metadata).unwrap_or_else(|_| "{}".into());
-    let row = AccessLogRow {
-        id: crate::secrets::new_id(),
-        account_id: log.account_id,
-        service_id: log.service_id,
-        timestamp_ms,
-        method: clip(log.method),
-        host: clip(log.host.to_ascii_lowercase()),
-        path: clip(log.path),
-        duration_ms: log.duration_ms.max(0),
-        status_code: i64::from(log.response_code),
-        source_ip: clip(log.source_ip),
-        auth_method: clip(log.auth_mechanism),
-        user_id: clip(log.user_id),
-        auth_success: log.auth_success,
-        bytes_upload: log.bytes_upload.max(0),
-        bytes_download: log.bytes_download.max(0),
-        protocol: clip(log.protocol),
-        metadata: clip(metadata),
-    };
-    svc.access_logs.write(row).await.map_err(|e| match e {
-        WriteError::Busy => Status::resource_exhausted(e.to_string()),
-        WriteError::Stopped => Status::unavailable(e.to_string()),
-        WriteError::Store(e) => store_error(e),
-    })
 }
 
 #[cfg(test)]
@@ -543,68 +488,5 @@ mod tests {
                 .verify(&outside, "app.proxy.example", now())
                 .is_err()
         );
-    }
-
-    #[tokio::test]
-    async fn access_logs_are_stored_for_own_services_only() {
-        let w = world().await;
-        let log = AccessLog {
-            timestamp: Some(prost_types::Timestamp {
-                seconds: 1_767_225_600,
-                nanos: 250_000_000,
-            }),
-            log_id: "ignored".into(),
-            account_id: w.account.clone(),
-            service_id: w.service.id.clone(),
-            host: "APP.proxy.example".into(),
-            path: "/x".into(),
-            duration_ms: 12,
-            method: "POST".into(),
-            response_code: 401,
-            source_ip: "192.0.2.9".into(),
-            auth_mechanism: "password".into(),
-            user_id: String::new(),
-            auth_success: false,
-            bytes_upload: 10,
-            bytes_download: -5,
-            protocol: "http".into(),
-            metadata: [("crowdsec_verdict".to_string(), "ban".to_string())].into(),
-        };
-        send_access_log(&w.svc, &w.own, Some(log.clone()))
-            .await
-            .unwrap();
-        let e = send_access_log(&w.svc, &w.other, Some(log.clone()))
-            .await
-            .unwrap_err();
-        assert_eq!(e.code(), Code::PermissionDenied);
-        let e = send_access_log(
-            &w.svc,
-            &w.shared,
-            Some(AccessLog {
-                service_id: "nope".into(),
-                ..log.clone()
-            }),
-        )
-        .await
-        .unwrap_err();
-        assert_eq!(e.code(), Code::NotFound);
-        let e = send_access_log(&w.svc, &w.own, None).await.unwrap_err();
-        assert_eq!(e.code(), Code::InvalidArgument);
-        let page = w
-            .svc
-            .store
-            .access_logs(&w.account, &Default::default(), Default::default(), 1, 10)
-            .await
-            .unwrap();
-        assert_eq!(page.total, 1);
-        let r = &page.rows[0];
-        assert_eq!(r.timestamp_ms, 1_767_225_600_250);
-        assert_eq!(r.host, "app.proxy.example");
-        assert_eq!((r.status_code, r.duration_ms), (401, 12));
-        assert_eq!((r.bytes_upload, r.bytes_download), (10, 0));
-        assert_eq!(r.auth_method, "password");
-        assert!(!r.auth_success);
-        assert_eq!(r.metadata, r#"{"crowdsec_verdict":"ban"}"#);
-        assert_ne!(r.id, "ignored");
     }
 }

@@ -1,23 +1,38 @@
 //! The access-log pipeline: workers push one entry per request or L4 connection into a bounded
-//! queue without waiting; the control thread sends them to management (`SendAccessLog`, a few
-//! at a time, each bounded in time). Whatever cannot be queued or sent is counted as dropped:
-//! logging never blocks or slows a request.
+//! queue without waiting; the control thread sends them to management in batches (our
+//! `SendAccessLogs`; NetBird's one-entry `SendAccessLog` when management answers
+//! `UNIMPLEMENTED`), a few calls at a time, each bounded in time. A call per request cost both
+//! sides far more CPU than the entry itself. Whatever cannot be queued or sent is counted as
+//! dropped: logging never blocks or slows a request.
 
 use std::future::Future;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, SystemTime};
 
+use futures_util::future::join_all;
+use prost::Message;
 use proto::AccessLog;
+use proto::logs::proxy_access_logs_client::ProxyAccessLogsClient;
+use proto::logs::{RefusedLog, SendAccessLogsRequest};
 use proto::proxy_service_client::ProxyServiceClient;
 use tokio::sync::{Semaphore, mpsc};
+use tonic::transport::Channel;
+use tonic::{Code, Status};
 
 use crate::control::management::ManagementLink;
 
 /// Entries waiting to be sent.
 pub const QUEUE: usize = 4096;
-/// Sends in flight at once.
-const IN_FLIGHT: usize = 8;
+/// Calls in flight at once.
+const IN_FLIGHT: usize = 4;
+/// Most entries one call carries (management takes up to 1,024).
+const MAX_BATCH: usize = 512;
+/// Most encoded bytes one call carries.
+const MAX_BATCH_BYTES: usize = 1 << 20;
+/// How long a batch waits for more entries once it has one: a few milliseconds of delay in the
+/// log buy far fewer calls under load.
+const LINGER: Duration = Duration::from_millis(20);
 const SEND_TIMEOUT: Duration = Duration::from_secs(5);
 
 #[derive(Debug, Default)]
@@ -81,91 +96,289 @@ fn new_log_id() -> String {
     b.iter().map(|x| format!("{x:02x}")).collect()
 }
 
-/// Sends queued entries with `send` until the queue closes.
-pub async fn run<F, Fut>(mut rx: mpsc::Receiver<AccessLog>, stats: Arc<AccessLogStats>, send: F)
-where
-    F: Fn(AccessLog) -> Fut + Send + Sync + 'static,
-    Fut: Future<Output = Result<(), String>> + Send + 'static,
-{
+/// Where entries go: management, by batch where it can.
+pub trait Transport: Send + Sync + 'static {
+    /// Our `SendAccessLogs`: the entries refused one by one, or the call's failure.
+    fn send_many(
+        &self,
+        logs: Vec<AccessLog>,
+    ) -> impl Future<Output = Result<Vec<RefusedLog>, Status>> + Send;
+    /// NetBird's `SendAccessLog`, one entry.
+    fn send_one(&self, log: AccessLog) -> impl Future<Output = Result<(), Status>> + Send;
+}
+
+/// What became of a batch.
+#[derive(Debug, Default, PartialEq, Eq)]
+struct Outcome {
+    sent: u64,
+    failed: u64,
+    /// One reason for the failures, for the log.
+    error: Option<String>,
+}
+
+/// Sends queued entries through `transport` until the queue closes: whatever is queued when a
+/// send slot is free, plus what arrives within [`LINGER`] unless that already made a full
+/// batch, up to [`MAX_BATCH`] entries a call.
+pub async fn run<T: Transport>(
+    mut rx: mpsc::Receiver<AccessLog>,
+    stats: Arc<AccessLogStats>,
+    transport: T,
+) {
+    let delivery = Arc::new(Delivery {
+        transport,
+        batched: AtomicBool::new(true),
+    });
     let slots = Arc::new(Semaphore::new(IN_FLIGHT));
     // The first failure is worth a log line; the counters tell the rest.
-    let warned = Arc::new(std::sync::atomic::AtomicBool::new(false));
-    while let Some(entry) = rx.recv().await {
+    let warned = Arc::new(AtomicBool::new(false));
+    loop {
         let Ok(permit) = slots.clone().acquire_owned().await else {
             return;
         };
-        let fut = send(entry);
+        let mut batch = Vec::with_capacity(MAX_BATCH);
+        if rx.recv_many(&mut batch, MAX_BATCH).await == 0 {
+            return;
+        }
+        if batch.len() < MAX_BATCH {
+            // Sleep rather than wait on the queue: a waiting receiver is woken by every entry a
+            // worker queues, a cross-thread wakeup per request.
+            tokio::time::sleep(LINGER).await;
+            while batch.len() < MAX_BATCH {
+                match rx.try_recv() {
+                    Ok(entry) => batch.push(entry),
+                    Err(_) => break,
+                }
+            }
+        }
+        let entries = batch.len() as u64;
+        let delivery = delivery.clone();
         let stats = stats.clone();
         let warned = warned.clone();
         tokio::spawn(async move {
             let _permit = permit;
-            let error = match tokio::time::timeout(SEND_TIMEOUT, fut).await {
-                Ok(Ok(())) => {
-                    stats.sent.fetch_add(1, Ordering::Relaxed);
-                    return;
-                }
-                Ok(Err(e)) => e,
-                Err(_) => "timed out".to_string(),
+            let outcome = match tokio::time::timeout(SEND_TIMEOUT, delivery.deliver(batch)).await {
+                Ok(outcome) => outcome,
+                Err(_) => Outcome {
+                    sent: 0,
+                    failed: entries,
+                    error: Some("timed out".into()),
+                },
             };
-            stats.dropped.fetch_add(1, Ordering::Relaxed);
-            stats.failed.fetch_add(1, Ordering::Relaxed);
-            if !warned.swap(true, Ordering::Relaxed) {
+            stats.sent.fetch_add(outcome.sent, Ordering::Relaxed);
+            stats.dropped.fetch_add(outcome.failed, Ordering::Relaxed);
+            stats.failed.fetch_add(outcome.failed, Ordering::Relaxed);
+            if let Some(error) = outcome.error
+                && !warned.swap(true, Ordering::Relaxed)
+            {
                 tracing::warn!(error = %error, "access log not delivered to management; losses are counted in /healthz access_log.dropped");
             }
         });
     }
 }
 
-/// The real sender: `SendAccessLog` over the management link.
+struct Delivery<T> {
+    transport: T,
+    /// Cleared for good once management answers `UNIMPLEMENTED` (a NetBird management).
+    batched: AtomicBool,
+}
+
+impl<T: Transport> Delivery<T> {
+    async fn deliver(&self, batch: Vec<AccessLog>) -> Outcome {
+        if self.batched.load(Ordering::Relaxed) {
+            match self.deliver_batched(batch).await {
+                Ok(outcome) => return outcome,
+                Err(batch) => {
+                    self.batched.store(false, Ordering::Relaxed);
+                    tracing::info!(
+                        "management does not take access logs in batches (a NetBird management?); sending one entry per call"
+                    );
+                    return self.deliver_one_by_one(batch).await;
+                }
+            }
+        }
+        self.deliver_one_by_one(batch).await
+    }
+
+    /// `Err` gives the batch back when management has no `SendAccessLogs`.
+    async fn deliver_batched(&self, batch: Vec<AccessLog>) -> Result<Outcome, Vec<AccessLog>> {
+        let mut outcome = Outcome::default();
+        let mut chunks = chunks_of_bounded_size(batch).into_iter();
+        while let Some(chunk) = chunks.next() {
+            let entries = chunk.len() as u64;
+            match self.transport.send_many(chunk.clone()).await {
+                Ok(refused) => {
+                    let refused_count = (refused.len() as u64).min(entries);
+                    outcome.sent += entries - refused_count;
+                    outcome.failed += refused_count;
+                    if let Some(r) = refused.first() {
+                        outcome.error.get_or_insert_with(|| r.reason.clone());
+                    }
+                }
+                Err(status) if status.code() == Code::Unimplemented && outcome.sent == 0 => {
+                    let mut rest = chunk;
+                    rest.extend(chunks.flatten());
+                    return Err(rest);
+                }
+                Err(status) => {
+                    outcome.failed += entries;
+                    outcome.error.get_or_insert_with(|| describe(&status));
+                }
+            }
+        }
+        Ok(outcome)
+    }
+
+    async fn deliver_one_by_one(&self, batch: Vec<AccessLog>) -> Outcome {
+        let mut outcome = Outcome::default();
+        let mut entries = batch.into_iter();
+        // NetBird's one-entry calls go out a few at a time, as its own proxy sends them.
+        loop {
+            let wave: Vec<_> = entries
+                .by_ref()
+                .take(IN_FLIGHT)
+                .map(|log| self.transport.send_one(log))
+                .collect();
+            if wave.is_empty() {
+                return outcome;
+            }
+            for result in join_all(wave).await {
+                match result {
+                    Ok(()) => outcome.sent += 1,
+                    Err(status) => {
+                        outcome.failed += 1;
+                        outcome.error.get_or_insert_with(|| describe(&status));
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Splits a batch so that no call comes near gRPC's default 4 MiB message limit, whatever the
+/// entries' paths and metadata hold.
+fn chunks_of_bounded_size(batch: Vec<AccessLog>) -> Vec<Vec<AccessLog>> {
+    let mut chunks = Vec::new();
+    let mut chunk = Vec::new();
+    let mut bytes = 0;
+    for log in batch {
+        let len = log.encoded_len();
+        if !chunk.is_empty() && bytes + len > MAX_BATCH_BYTES {
+            chunks.push(std::mem::take(&mut chunk));
+            bytes = 0;
+        }
+        bytes += len;
+        chunk.push(log);
+    }
+    if !chunk.is_empty() {
+        chunks.push(chunk);
+    }
+    chunks
+}
+
+fn describe(status: &Status) -> String {
+    format!("{:?}: {}", status.code(), status.message())
+}
+
+/// The real transport: the management link, our `SendAccessLogs` and NetBird's `SendAccessLog`.
+pub struct ManagementTransport {
+    batched: ProxyAccessLogsClient<Channel>,
+    single: ProxyServiceClient<Channel>,
+    link: ManagementLink,
+}
+
+impl ManagementTransport {
+    pub fn new(link: ManagementLink) -> Self {
+        let channel = link.endpoint().connect_lazy();
+        Self {
+            batched: ProxyAccessLogsClient::new(channel.clone()),
+            single: ProxyServiceClient::new(channel),
+            link,
+        }
+    }
+}
+
+impl Transport for ManagementTransport {
+    async fn send_many(&self, logs: Vec<AccessLog>) -> Result<Vec<RefusedLog>, Status> {
+        let req = self.link.authorized(SendAccessLogsRequest { logs });
+        let answer = self.batched.clone().send_access_logs(req).await?;
+        Ok(answer.into_inner().refused)
+    }
+
+    async fn send_one(&self, log: AccessLog) -> Result<(), Status> {
+        let req = self
+            .link
+            .authorized(proto::SendAccessLogRequest { log: Some(log) });
+        self.single.clone().send_access_log(req).await.map(|_| ())
+    }
+}
+
+/// The access-log pipeline to management.
 pub async fn run_to_management(
     rx: mpsc::Receiver<AccessLog>,
     stats: Arc<AccessLogStats>,
     link: ManagementLink,
 ) {
-    let client = ProxyServiceClient::new(link.endpoint().connect_lazy());
-    let link = Arc::new(link);
-    run(rx, stats, move |entry| {
-        let mut client = client.clone();
-        let req = link.authorized(proto::SendAccessLogRequest { log: Some(entry) });
-        async move {
-            client
-                .send_access_log(req)
-                .await
-                .map(|_| ())
-                .map_err(|s| format!("{:?}: {}", s.code(), s.message()))
-        }
-    })
-    .await;
+    run(rx, stats, ManagementTransport::new(link)).await;
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    #[tokio::test]
-    async fn full_queue_drops_and_failures_count() {
+    /// Management as seen by the pipeline: refuses entries whose path is odd, and may lack the
+    /// batched call like a NetBird management.
+    #[derive(Default)]
+    struct FakeManagement {
+        netbird: bool,
+        batched_calls: AtomicU64,
+        single_calls: AtomicU64,
+    }
+
+    fn refused(log: &AccessLog) -> bool {
+        log.path.parse::<u64>().unwrap() % 2 == 1
+    }
+
+    impl Transport for Arc<FakeManagement> {
+        async fn send_many(&self, logs: Vec<AccessLog>) -> Result<Vec<RefusedLog>, Status> {
+            self.batched_calls.fetch_add(1, Ordering::Relaxed);
+            if self.netbird {
+                return Err(Status::unimplemented("unknown service"));
+            }
+            Ok((0u32..)
+                .zip(&logs)
+                .filter(|(_, log)| refused(log))
+                .map(|(index, _)| RefusedLog {
+                    index,
+                    reason: "NotFound: service".into(),
+                })
+                .collect())
+        }
+
+        async fn send_one(&self, log: AccessLog) -> Result<(), Status> {
+            self.single_calls.fetch_add(1, Ordering::Relaxed);
+            assert!(log.timestamp.is_some() && log.log_id.len() == 16);
+            if refused(&log) {
+                Err(Status::not_found("service"))
+            } else {
+                Ok(())
+            }
+        }
+    }
+
+    /// Fills the queue past its limit and runs the pipeline to the end.
+    async fn deliver_a_full_queue(management: Arc<FakeManagement>) -> Arc<AccessLogStats> {
         let (q, rx) = AccessLogQueue::new();
-        for _ in 0..QUEUE + 10 {
-            q.push(AccessLog::default());
+        for n in 0..QUEUE + 10 {
+            q.push(AccessLog {
+                path: n.to_string(),
+                ..AccessLog::default()
+            });
         }
         assert_eq!(q.stats.dropped.load(Ordering::Relaxed), 10);
         assert_eq!(q.stats.queued.load(Ordering::Relaxed), QUEUE as u64);
         let stats = q.stats.clone();
         drop(q);
-        let ok = std::sync::Arc::new(AtomicU64::new(0));
-        let seen = ok.clone();
-        run(rx, stats.clone(), move |e: AccessLog| {
-            let n = seen.fetch_add(1, Ordering::Relaxed);
-            async move {
-                assert!(e.timestamp.is_some() && e.log_id.len() == 16);
-                if n.is_multiple_of(2) {
-                    Ok(())
-                } else {
-                    Err("down".into())
-                }
-            }
-        })
-        .await;
+        run(rx, stats.clone(), management).await;
         // Let the last spawned sends finish.
         let _ = tokio::time::timeout(Duration::from_secs(5), async {
             while stats.sent.load(Ordering::Relaxed) + stats.failed.load(Ordering::Relaxed)
@@ -175,8 +388,67 @@ mod tests {
             }
         })
         .await;
+        stats
+    }
+
+    fn assert_half_refused(stats: &AccessLogStats) {
         assert_eq!(stats.sent.load(Ordering::Relaxed), QUEUE as u64 / 2);
         assert_eq!(stats.failed.load(Ordering::Relaxed), QUEUE as u64 / 2);
         assert_eq!(stats.dropped.load(Ordering::Relaxed), 10 + QUEUE as u64 / 2);
+    }
+
+    #[tokio::test]
+    async fn queued_entries_go_in_full_batches_and_refusals_count_as_drops() {
+        let management = Arc::new(FakeManagement::default());
+        let stats = deliver_a_full_queue(management.clone()).await;
+        assert_half_refused(&stats);
+        assert_eq!(
+            management.batched_calls.load(Ordering::Relaxed),
+            (QUEUE / MAX_BATCH) as u64,
+            "a full queue leaves in calls of {MAX_BATCH} entries"
+        );
+        assert_eq!(management.single_calls.load(Ordering::Relaxed), 0);
+    }
+
+    #[tokio::test]
+    async fn a_netbird_management_gets_one_entry_per_call() {
+        let management = Arc::new(FakeManagement {
+            netbird: true,
+            ..FakeManagement::default()
+        });
+        let stats = deliver_a_full_queue(management.clone()).await;
+        assert_half_refused(&stats);
+        assert_eq!(
+            management.single_calls.load(Ordering::Relaxed),
+            QUEUE as u64
+        );
+        // Calls already under way when the first UNIMPLEMENTED came back may have tried too.
+        let tried = management.batched_calls.load(Ordering::Relaxed);
+        assert!(
+            (1..=IN_FLIGHT as u64).contains(&tried),
+            "{tried} batched calls"
+        );
+    }
+
+    #[test]
+    fn large_entries_are_split_below_the_message_limit() {
+        let big = |n: usize| AccessLog {
+            path: format!("/{n}/{}", "x".repeat(300 * 1024)),
+            ..AccessLog::default()
+        };
+        let batch: Vec<AccessLog> = (0..10).map(big).collect();
+        let chunks = chunks_of_bounded_size(batch.clone());
+        assert!(chunks.len() >= 3, "{} chunks", chunks.len());
+        for chunk in &chunks {
+            let bytes: usize = chunk.iter().map(|l| l.encoded_len()).sum();
+            assert!(bytes <= MAX_BATCH_BYTES, "{bytes} bytes in one call");
+        }
+        assert_eq!(chunks.concat(), batch, "every entry, in order");
+        // One entry over the limit still goes, alone.
+        let huge = AccessLog {
+            path: "y".repeat(MAX_BATCH_BYTES + 1),
+            ..AccessLog::default()
+        };
+        assert_eq!(chunks_of_bounded_size(vec![huge.clone()]), vec![vec![huge]]);
     }
 }
