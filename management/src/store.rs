@@ -19,9 +19,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use sqlx::any::{AnyPoolOptions, install_default_drivers};
 use sqlx::{AnyPool, Executor};
 
-pub use access_logs::{
-    AccessLogFilter, AccessLogPage, AccessLogRow, AccessLogSort, MAX_ROWS_PER_INSERT,
-};
+pub use access_logs::{AccessLogFilter, AccessLogPage, AccessLogRow, AccessLogSort};
 pub use accounts::{Account, Role, User};
 pub use clusters::{ClusterInfo, ClusterKind, RegisterError};
 pub use mesh_access::{PeerAccess, TunnelPeer};

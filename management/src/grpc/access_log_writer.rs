@@ -7,10 +7,12 @@
 
 use tokio::sync::{mpsc, oneshot};
 
-use crate::store::{AccessLogRow, MAX_ROWS_PER_INSERT, Store, StoreError};
+use crate::store::{AccessLogRow, Store, StoreError};
 
 /// Rows waiting to be stored; a call that finds the queue full is refused at once.
 const QUEUE: usize = 8_192;
+/// Rows stored in one transaction (one commit, and on SQLite one WAL sync).
+const ROWS_PER_TRANSACTION: usize = 1_024;
 
 #[derive(Clone)]
 pub struct AccessLogWriter {
@@ -71,8 +73,8 @@ impl Queued {
 }
 
 async fn write_batches(store: Store, mut rows: mpsc::Receiver<Pending>) {
-    let mut batch = Vec::with_capacity(MAX_ROWS_PER_INSERT);
-    while rows.recv_many(&mut batch, MAX_ROWS_PER_INSERT).await > 0 {
+    let mut batch = Vec::with_capacity(ROWS_PER_TRANSACTION);
+    while rows.recv_many(&mut batch, ROWS_PER_TRANSACTION).await > 0 {
         let all: Vec<&AccessLogRow> = batch.iter().map(|p| &p.row).collect();
         match store.insert_access_logs(&all).await {
             Ok(()) => {
@@ -113,8 +115,8 @@ mod tests {
         let store = test_store().await;
         let account = store.create_account("a").await.unwrap().id;
         let writer = AccessLogWriter::start(store.clone());
-        // More calls at once than one statement takes, so several batches form.
-        let calls: Vec<_> = (0..600)
+        // More calls at once than one transaction takes, so several batches form.
+        let calls: Vec<_> = (0..ROWS_PER_TRANSACTION + 500)
             .map(|n| {
                 let writer = writer.clone();
                 let r = if n == 300 {
@@ -136,6 +138,6 @@ mod tests {
             .fetch_one(store.pool())
             .await
             .unwrap();
-        assert_eq!(stored, 599);
+        assert_eq!(stored as usize, ROWS_PER_TRANSACTION + 499);
     }
 }

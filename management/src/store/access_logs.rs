@@ -137,39 +137,82 @@ enum Param {
 
 /// Values per row of `access_logs`.
 const COLUMN_COUNT: usize = 17;
+/// Rows per INSERT statement. A batch is split into statements of these sizes, so only five
+/// statement texts exist and each connection's statement cache keeps them prepared; a
+/// statement per batch length was parsed anew for nearly every batch.
+const STATEMENT_SIZES: [usize; 5] = [MAX_ROWS_PER_INSERT, 64, 16, 4, 1];
 /// Rows in one INSERT: 256 × 17 parameters stays far below SQLite's and PostgreSQL's limits.
-pub const MAX_ROWS_PER_INSERT: usize = 256;
+const MAX_ROWS_PER_INSERT: usize = 256;
+
+/// The largest statement size that fits `remaining` rows.
+fn statement_size(remaining: usize) -> usize {
+    STATEMENT_SIZES
+        .into_iter()
+        .find(|size| *size <= remaining)
+        .unwrap_or(1)
+}
+
+/// `INSERT … VALUES (…), (…)` for `rows` rows. SQLite gets anonymous `?` parameters: sqlx looks
+/// each numbered one up by name, and SQLite's lookup scans every name, so `$n` cost O(n²) and
+/// 4,352 parameters took most of management's CPU. PostgreSQL takes only `$n`.
+fn insert_sql(engine: Engine, rows: usize) -> String {
+    use std::fmt::Write;
+    let mut sql = String::with_capacity(64 + COLUMNS.len() + rows * COLUMN_COUNT * 6);
+    let _ = write!(sql, "INSERT INTO access_logs ({COLUMNS}) VALUES ");
+    for row in 0..rows {
+        sql.push_str(if row == 0 { "(" } else { ", (" });
+        for column in 0..COLUMN_COUNT {
+            if column > 0 {
+                sql.push_str(", ");
+            }
+            match engine {
+                Engine::Sqlite => sql.push('?'),
+                Engine::Postgres => {
+                    let _ = write!(sql, "${}", row * COLUMN_COUNT + column + 1);
+                }
+            }
+        }
+        sql.push(')');
+    }
+    sql
+}
 
 impl Store {
     pub async fn insert_access_log(&self, r: &AccessLogRow) -> Result<(), StoreError> {
         self.insert_access_logs(&[r]).await
     }
 
-    /// Inserts `rows` (at most [`MAX_ROWS_PER_INSERT`]) in one statement: all or none.
+    /// Inserts `rows` in one transaction (statements of at most [`MAX_ROWS_PER_INSERT`] rows): all
+    /// or none.
     pub async fn insert_access_logs(&self, rows: &[&AccessLogRow]) -> Result<(), StoreError> {
-        if rows.is_empty() {
+        if rows.len() <= 1 {
+            if let Some(row) = rows.first() {
+                self.insert_rows(self.pool(), std::slice::from_ref(row))
+                    .await?;
+            }
             return Ok(());
         }
-        // SQLite gets anonymous `?` parameters: sqlx looks each numbered one up by name, and
-        // SQLite's lookup scans every name, so `$n` cost O(n²) and 4,352 parameters took most
-        // of management's CPU. PostgreSQL takes only `$n`.
-        let placeholders: Vec<String> = (0..rows.len())
-            .map(|row| {
-                let first = row * COLUMN_COUNT + 1;
-                let list: Vec<String> = (first..first + COLUMN_COUNT)
-                    .map(|n| match self.engine {
-                        Engine::Sqlite => "?".to_string(),
-                        Engine::Postgres => format!("${n}"),
-                    })
-                    .collect();
-                format!("({})", list.join(", "))
-            })
-            .collect();
-        let sql = format!(
-            "INSERT INTO access_logs ({COLUMNS}) VALUES {}",
-            placeholders.join(", ")
-        );
-        let mut query = sqlx::query(AssertSqlSafe(sql));
+        let mut tx = self.pool().begin().await?;
+        let mut rest = rows;
+        while !rest.is_empty() {
+            let size = statement_size(rest.len());
+            let (now, later) = rest.split_at(size);
+            self.insert_rows(&mut *tx, now).await?;
+            rest = later;
+        }
+        tx.commit().await?;
+        Ok(())
+    }
+
+    async fn insert_rows<'e, E>(
+        &self,
+        executor: E,
+        rows: &[&AccessLogRow],
+    ) -> Result<(), StoreError>
+    where
+        E: sqlx::Executor<'e, Database = sqlx::Any>,
+    {
+        let mut query = sqlx::query(AssertSqlSafe(insert_sql(self.engine, rows.len())));
         for r in rows {
             query = query
                 .bind(&r.id)
@@ -190,7 +233,7 @@ impl Store {
                 .bind(&r.protocol)
                 .bind(&r.metadata);
         }
-        query.execute(self.pool()).await?;
+        query.execute(executor).await?;
         Ok(())
     }
 
@@ -323,6 +366,33 @@ fn row_to_log(row: &sqlx::any::AnyRow) -> Result<AccessLogRow, StoreError> {
 mod tests {
     use super::*;
     use crate::store::test_store;
+
+    #[test]
+    fn batches_split_into_the_few_cached_statement_sizes() {
+        for len in 1..=4 * MAX_ROWS_PER_INSERT {
+            let mut rest = len;
+            let mut statements = 0;
+            while rest > 0 {
+                let size = statement_size(rest);
+                assert!(STATEMENT_SIZES.contains(&size) && size <= rest);
+                rest -= size;
+                statements += 1;
+            }
+            let most = len / MAX_ROWS_PER_INSERT + 12;
+            assert!(
+                statements <= most,
+                "{len} rows took {statements} statements"
+            );
+        }
+        let sqlite = insert_sql(Engine::Sqlite, 2);
+        assert!(sqlite.ends_with(&format!(
+            "VALUES ({q}), ({q})",
+            q = vec!["?"; COLUMN_COUNT].join(", ")
+        )));
+        let postgres = insert_sql(Engine::Postgres, 2);
+        assert!(postgres.contains("VALUES ($1, $2, "), "{postgres}");
+        assert!(postgres.ends_with(", $33, $34)"), "{postgres}");
+    }
 
     fn row(id: &str, account: &str, ts: i64, status: i64, path: &str, user: &str) -> AccessLogRow {
         AccessLogRow {

@@ -32,7 +32,7 @@ const MAX_BATCH: usize = 512;
 const MAX_BATCH_BYTES: usize = 1 << 20;
 /// How long a batch waits for more entries once it has one: a few milliseconds of delay in the
 /// log buy far fewer calls under load.
-const LINGER: Duration = Duration::from_millis(20);
+const LINGER: Duration = Duration::from_millis(100);
 const SEND_TIMEOUT: Duration = Duration::from_secs(5);
 
 #[derive(Debug, Default)]
