@@ -80,6 +80,35 @@ impl ProxyServiceImpl {
     }
 }
 
+#[cfg(test)]
+impl ProxyServiceImpl {
+    /// A service on `store` with its own change bus, a 60 s heartbeat and no single sign-on.
+    pub(crate) fn for_tests(store: Store) -> ProxyServiceImpl {
+        ProxyServiceImpl::new(
+            store,
+            ChangeBus::new(),
+            Duration::from_secs(60),
+            crate::oidc::sign_in::Sso::for_tests(),
+        )
+    }
+}
+
+/// Proxy tokens for tests: one scoped to account `a`, one to account `b`, one to no account.
+#[cfg(test)]
+pub(crate) async fn test_tokens(
+    store: &Store,
+    a: &str,
+    b: &str,
+) -> (ProxyToken, ProxyToken, ProxyToken) {
+    let (own, _) = store.create_proxy_token(Some(a), "a", None).await.unwrap();
+    let (other, _) = store.create_proxy_token(Some(b), "b", None).await.unwrap();
+    let (shared, _) = store
+        .create_proxy_token(None, "shared", None)
+        .await
+        .unwrap();
+    (own, other, shared)
+}
+
 /// The inbound listener a proxy reported, as stored; a nonsensical one is ignored.
 fn inbound_json(l: Option<&proto::ProxyInboundListener>) -> Option<String> {
     let l = l?;

@@ -172,13 +172,10 @@ fn row_of(log: AccessLog) -> AccessLogRow {
 
 #[cfg(test)]
 mod tests {
-    use std::time::Duration;
-
     use tonic::Code;
 
     use super::*;
-    use crate::events::ChangeBus;
-    use crate::store::{ServiceRecord, ServiceStatus, test_store};
+    use crate::store::{ServiceRecord, test_store};
 
     struct World {
         svc: ProxyServiceImpl,
@@ -193,35 +190,11 @@ mod tests {
         let store = test_store().await;
         let a = store.create_account("a").await.unwrap().id;
         let b = store.create_account("b").await.unwrap().id;
-        let service = ServiceRecord {
-            id: "svc1".into(),
-            account_id: a.clone(),
-            name: "app".into(),
-            domain: "app.proxy.example".into(),
-            cluster_address: "proxy.example".into(),
-            spec: "{}".into(),
-            enabled: true,
-            status: ServiceStatus::Active,
-            status_message: None,
-            certificate_issued: false,
-            created_at: 0,
-            updated_at: 0,
-            inbound_listener: None,
-        };
+        let service = ServiceRecord::for_tests(&a, "{}");
         store.insert_service(&service).await.unwrap();
-        let (own, _) = store.create_proxy_token(Some(&a), "a", None).await.unwrap();
-        let (other, _) = store.create_proxy_token(Some(&b), "b", None).await.unwrap();
-        let (shared, _) = store
-            .create_proxy_token(None, "shared", None)
-            .await
-            .unwrap();
+        let (own, other, shared) = crate::grpc::test_tokens(&store, &a, &b).await;
         World {
-            svc: ProxyServiceImpl::new(
-                store,
-                ChangeBus::new(),
-                Duration::from_secs(60),
-                crate::oidc::sign_in::Sso::for_tests(),
-            ),
+            svc: ProxyServiceImpl::for_tests(store),
             account: a,
             service: service.id,
             own,

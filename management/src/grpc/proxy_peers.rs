@@ -123,10 +123,7 @@ pub async fn create_proxy_peer(
 
 #[cfg(test)]
 mod tests {
-    use std::time::Duration;
-
     use super::*;
-    use crate::events::ChangeBus;
     use crate::store::test_store;
 
     const KEY: &str = "AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA=";
@@ -164,12 +161,7 @@ mod tests {
             .create_proxy_token(Some(&b.id), "b", None)
             .await
             .unwrap();
-        let svc = ProxyServiceImpl::new(
-            store.clone(),
-            ChangeBus::new(),
-            Duration::from_secs(60),
-            crate::oidc::sign_in::Sso::for_tests(),
-        );
+        let svc = ProxyServiceImpl::for_tests(store.clone());
         let mut mesh_events = svc.bus.subscribe_mesh();
         let mut batch = vec![ProxyMapping {
             id: "svc1".into(),

@@ -118,16 +118,12 @@ pub async fn validate_tunnel_peer(
 
 #[cfg(test)]
 mod tests {
-    use std::time::Duration;
-
     use proto::session::SessionVerifier;
 
     use super::*;
-    use crate::events::ChangeBus;
     use crate::model::auth::AuthInput;
     use crate::store::{
-        NewPeer, PeerAccess, PeerKind, Role, ServiceRecord, ServiceStatus, Store,
-        generate_wg_keypair, test_store,
+        NewPeer, PeerAccess, PeerKind, Role, ServiceRecord, Store, generate_wg_keypair, test_store,
     };
 
     async fn ask(
@@ -182,21 +178,7 @@ mod tests {
         let spec = serde_json::json!({"mode": "http", "listen_port": 0, "targets": [],
             "pass_host_header": false, "rewrite_redirects": false,
             "private": true, "access_groups": [staff]});
-        let service = ServiceRecord {
-            id: "svc1".into(),
-            account_id: a.clone(),
-            name: "app".into(),
-            domain: "app.proxy.example".into(),
-            cluster_address: "proxy.example".into(),
-            spec: spec.to_string(),
-            enabled: true,
-            status: ServiceStatus::Active,
-            status_message: None,
-            certificate_issued: false,
-            created_at: 0,
-            updated_at: 0,
-            inbound_listener: None,
-        };
+        let service = ServiceRecord::for_tests(&a, &spec.to_string());
         store.insert_service(&service).await.unwrap();
         let keys = crate::credentials::prepare(AuthInput::default(), None)
             .await
@@ -213,12 +195,7 @@ mod tests {
         let server = agent(&store, &a, "server").await;
         let (own, _) = store.create_proxy_token(Some(&a), "a", None).await.unwrap();
         let (other, _) = store.create_proxy_token(Some(&b), "b", None).await.unwrap();
-        let svc = ProxyServiceImpl::new(
-            store,
-            ChangeBus::new(),
-            Duration::from_secs(60),
-            crate::oidc::sign_in::Sso::for_tests(),
-        );
+        let svc = ProxyServiceImpl::for_tests(store);
         let (laptop_ip, server_ip) = (laptop.tunnel_ip.to_string(), server.tunnel_ip.to_string());
         let domain = "app.proxy.example";
         let r = ask(&svc, &own, &laptop_ip, domain).await;

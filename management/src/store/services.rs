@@ -266,3 +266,26 @@ fn service_from_row(row: &sqlx::any::AnyRow) -> Result<ServiceRecord, StoreError
         updated_at: row.try_get("updated_at")?,
     })
 }
+
+#[cfg(test)]
+impl ServiceRecord {
+    /// The active service `svc1` (`app.proxy.example` in cluster `proxy.example`) of
+    /// `account_id`, with `spec`, for tests.
+    pub(crate) fn for_tests(account_id: &str, spec: &str) -> ServiceRecord {
+        ServiceRecord {
+            id: "svc1".into(),
+            account_id: account_id.into(),
+            name: "app".into(),
+            domain: "app.proxy.example".into(),
+            cluster_address: "proxy.example".into(),
+            spec: spec.into(),
+            enabled: true,
+            status: ServiceStatus::Active,
+            status_message: None,
+            certificate_issued: false,
+            created_at: 0,
+            updated_at: 0,
+            inbound_listener: None,
+        }
+    }
+}

@@ -33,6 +33,8 @@ const MAX_BATCH_BYTES: usize = 1 << 20;
 /// How long a batch waits for more entries once it has one: a few milliseconds of delay in the
 /// log buy far fewer calls under load.
 const LINGER: Duration = Duration::from_millis(100);
+/// How often the queue is looked at while lingering.
+const LINGER_STEP: Duration = Duration::from_millis(5);
 const SEND_TIMEOUT: Duration = Duration::from_secs(5);
 
 #[derive(Debug, Default)]
@@ -116,6 +118,16 @@ struct Outcome {
     error: Option<String>,
 }
 
+impl Outcome {
+    fn add(&mut self, other: Outcome) {
+        self.sent += other.sent;
+        self.failed += other.failed;
+        if self.error.is_none() {
+            self.error = other.error;
+        }
+    }
+}
+
 /// Sends queued entries through `transport` until the queue closes: whatever is queued when a
 /// send slot is free, plus what arrives within [`LINGER`] unless that already made a full
 /// batch, up to [`MAX_BATCH`] entries a call.
@@ -140,9 +152,13 @@ pub async fn run<T: Transport>(
             return;
         }
         if batch.len() < MAX_BATCH {
-            // Sleep rather than wait on the queue: a waiting receiver is woken by every entry a
-            // worker queues, a cross-thread wakeup per request.
-            tokio::time::sleep(LINGER).await;
+            // Poll rather than wait on the queue: a waiting receiver is woken by every entry a
+            // worker queues, a cross-thread wakeup per request. Stop early once a full batch is
+            // waiting, so a fast stream of entries does not fill the queue meanwhile.
+            let linger_until = tokio::time::Instant::now() + LINGER;
+            while batch.len() + rx.len() < MAX_BATCH && tokio::time::Instant::now() < linger_until {
+                tokio::time::sleep(LINGER_STEP).await;
+            }
             while batch.len() < MAX_BATCH {
                 match rx.try_recv() {
                     Ok(entry) => batch.push(entry),
@@ -150,20 +166,12 @@ pub async fn run<T: Transport>(
                 }
             }
         }
-        let entries = batch.len() as u64;
         let delivery = delivery.clone();
         let stats = stats.clone();
         let warned = warned.clone();
         tokio::spawn(async move {
             let _permit = permit;
-            let outcome = match tokio::time::timeout(SEND_TIMEOUT, delivery.deliver(batch)).await {
-                Ok(outcome) => outcome,
-                Err(_) => Outcome {
-                    sent: 0,
-                    failed: entries,
-                    error: Some("timed out".into()),
-                },
-            };
+            let outcome = delivery.deliver(batch).await;
             stats.sent.fetch_add(outcome.sent, Ordering::Relaxed);
             stats.dropped.fetch_add(outcome.failed, Ordering::Relaxed);
             stats.failed.fetch_add(outcome.failed, Ordering::Relaxed);
@@ -187,25 +195,31 @@ impl<T: Transport> Delivery<T> {
         if self.batched.load(Ordering::Relaxed) {
             match self.deliver_batched(batch).await {
                 Ok(outcome) => return outcome,
-                Err(batch) => {
+                Err((so_far, rest)) => {
                     self.batched.store(false, Ordering::Relaxed);
                     tracing::info!(
                         "management does not take access logs in batches (a NetBird management?); sending one entry per call"
                     );
-                    return self.deliver_one_by_one(batch).await;
+                    let mut outcome = self.deliver_one_by_one(rest).await;
+                    outcome.add(so_far);
+                    return outcome;
                 }
             }
         }
         self.deliver_one_by_one(batch).await
     }
 
-    /// `Err` gives the batch back when management has no `SendAccessLogs`.
-    async fn deliver_batched(&self, batch: Vec<AccessLog>) -> Result<Outcome, Vec<AccessLog>> {
+    /// `Err` gives back what became of the chunks sent so far and the entries not yet sent,
+    /// when management has no `SendAccessLogs`.
+    async fn deliver_batched(
+        &self,
+        batch: Vec<AccessLog>,
+    ) -> Result<Outcome, (Outcome, Vec<AccessLog>)> {
         let mut outcome = Outcome::default();
         let mut chunks = chunks_of_bounded_size(batch).into_iter();
         while let Some(chunk) = chunks.next() {
             let entries = chunk.len() as u64;
-            match self.transport.send_many(chunk.clone()).await {
+            match within_timeout(self.transport.send_many(chunk.clone())).await {
                 Ok(refused) => {
                     let refused_count = (refused.len() as u64).min(entries);
                     outcome.sent += entries - refused_count;
@@ -217,11 +231,15 @@ impl<T: Transport> Delivery<T> {
                 Err(status) if status.code() == Code::Unimplemented && outcome.sent == 0 => {
                     let mut rest = chunk;
                     rest.extend(chunks.flatten());
-                    return Err(rest);
+                    return Err((outcome, rest));
                 }
                 Err(status) => {
                     outcome.failed += entries;
                     outcome.error.get_or_insert_with(|| describe(&status));
+                    if unreachable(&status) {
+                        outcome.failed += chunks.map(|c| c.len() as u64).sum::<u64>();
+                        break;
+                    }
                 }
             }
         }
@@ -236,22 +254,44 @@ impl<T: Transport> Delivery<T> {
             let wave: Vec<_> = entries
                 .by_ref()
                 .take(IN_FLIGHT)
-                .map(|log| self.transport.send_one(log))
+                .map(|log| within_timeout(self.transport.send_one(log)))
                 .collect();
             if wave.is_empty() {
                 return outcome;
             }
+            let mut all_unreachable = true;
             for result in join_all(wave).await {
                 match result {
-                    Ok(()) => outcome.sent += 1,
+                    Ok(()) => {
+                        outcome.sent += 1;
+                        all_unreachable = false;
+                    }
                     Err(status) => {
                         outcome.failed += 1;
+                        all_unreachable &= unreachable(&status);
                         outcome.error.get_or_insert_with(|| describe(&status));
                     }
                 }
             }
+            if all_unreachable {
+                outcome.failed += entries.count() as u64;
+                return outcome;
+            }
         }
     }
+}
+
+/// Management is down or hung: the rest of the batch would only wait for the same answer.
+fn unreachable(status: &Status) -> bool {
+    matches!(status.code(), Code::Unavailable | Code::DeadlineExceeded)
+}
+
+/// Bounds one call in time; a batch gives up at the first call that finds management down or
+/// hung, so a slot is held for at most about [`SEND_TIMEOUT`].
+async fn within_timeout<T>(call: impl Future<Output = Result<T, Status>>) -> Result<T, Status> {
+    tokio::time::timeout(SEND_TIMEOUT, call)
+        .await
+        .unwrap_or_else(|_| Err(Status::deadline_exceeded("timed out")))
 }
 
 /// Splits a batch so that no call comes near gRPC's default 4 MiB message limit, whatever the
@@ -330,6 +370,7 @@ mod tests {
     #[derive(Default)]
     struct FakeManagement {
         netbird: bool,
+        down: bool,
         batched_calls: AtomicU64,
         single_calls: AtomicU64,
     }
@@ -341,6 +382,9 @@ mod tests {
     impl Transport for Arc<FakeManagement> {
         async fn send_many(&self, logs: Vec<AccessLog>) -> Result<Vec<RefusedLog>, Status> {
             self.batched_calls.fetch_add(1, Ordering::Relaxed);
+            if self.down {
+                return Err(Status::unavailable("connection refused"));
+            }
             if self.netbird {
                 return Err(Status::unimplemented("unknown service"));
             }
@@ -356,6 +400,9 @@ mod tests {
 
         async fn send_one(&self, log: AccessLog) -> Result<(), Status> {
             self.single_calls.fetch_add(1, Ordering::Relaxed);
+            if self.down {
+                return Err(Status::unavailable("connection refused"));
+            }
             assert!(log.timestamp.is_some() && log.log_id.len() == 16);
             if refused(&log) {
                 Err(Status::not_found("service"))
@@ -427,6 +474,47 @@ mod tests {
         assert!(
             (1..=IN_FLIGHT as u64).contains(&tried),
             "{tried} batched calls"
+        );
+    }
+
+    #[tokio::test]
+    async fn entries_queued_close_together_share_one_call() {
+        let management = Arc::new(FakeManagement::default());
+        let (q, rx) = AccessLogQueue::new();
+        let stats = q.stats.clone();
+        let pipeline = tokio::spawn(run(rx, stats.clone(), management.clone()));
+        for n in [0, 2, 4] {
+            q.push(AccessLog {
+                path: n.to_string(),
+                ..AccessLog::default()
+            });
+        }
+        let _ = tokio::time::timeout(Duration::from_secs(5), async {
+            while stats.sent.load(Ordering::Relaxed) < 3 {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        })
+        .await;
+        assert_eq!(stats.sent.load(Ordering::Relaxed), 3);
+        assert_eq!(management.batched_calls.load(Ordering::Relaxed), 1);
+        drop(q);
+        pipeline.await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn a_batch_gives_up_at_the_first_call_that_finds_management_down() {
+        let management = Arc::new(FakeManagement {
+            down: true,
+            ..FakeManagement::default()
+        });
+        let stats = deliver_a_full_queue(management.clone()).await;
+        assert_eq!(stats.sent.load(Ordering::Relaxed), 0);
+        assert_eq!(stats.failed.load(Ordering::Relaxed), QUEUE as u64);
+        assert_eq!(stats.dropped.load(Ordering::Relaxed), 10 + QUEUE as u64);
+        assert_eq!(
+            management.batched_calls.load(Ordering::Relaxed),
+            (QUEUE / MAX_BATCH) as u64,
+            "one call per batch"
         );
     }
 
