@@ -6,9 +6,9 @@
 //! dropped: logging never blocks or slows a request.
 
 use std::future::Future;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::time::{Duration, SystemTime};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime};
 
 use futures_util::future::join_all;
 use prost::Message;
@@ -33,6 +33,9 @@ const MAX_BATCH_BYTES: usize = 1 << 20;
 /// How long a batch waits for more entries once it has one: a few milliseconds of delay in the
 /// log buy far fewer calls under load.
 const LINGER: Duration = Duration::from_millis(100);
+/// How long a management that lacks `SendAccessLogs` gets one entry per call before batches
+/// are tried again.
+const RETRY_BATCHES_AFTER: Duration = Duration::from_secs(600);
 /// How often the queue is looked at while lingering.
 const LINGER_STEP: Duration = Duration::from_millis(5);
 const SEND_TIMEOUT: Duration = Duration::from_secs(5);
@@ -136,10 +139,7 @@ pub async fn run<T: Transport>(
     stats: Arc<AccessLogStats>,
     transport: T,
 ) {
-    let delivery = Arc::new(Delivery {
-        transport,
-        batched: AtomicBool::new(true),
-    });
+    let delivery = Arc::new(Delivery::new(transport, RETRY_BATCHES_AFTER));
     let slots = Arc::new(Semaphore::new(IN_FLIGHT));
     // The first failure is worth a log line; the counters tell the rest.
     let warned = Arc::new(AtomicBool::new(false));
@@ -186,27 +186,55 @@ pub async fn run<T: Transport>(
 
 struct Delivery<T> {
     transport: T,
-    /// Cleared for good once management answers `UNIMPLEMENTED` (a NetBird management).
-    batched: AtomicBool,
+    /// Since when management has answered `SendAccessLogs` with `UNIMPLEMENTED` (a NetBird
+    /// management); `None` while it takes batches.
+    unbatched_since: Mutex<Option<Instant>>,
+    /// How long entries go one by one before batches are tried again (management may have been
+    /// replaced by one that takes them).
+    retry_batches_after: Duration,
 }
 
 impl<T: Transport> Delivery<T> {
+    fn new(transport: T, retry_batches_after: Duration) -> Self {
+        Self {
+            transport,
+            unbatched_since: Mutex::new(None),
+            retry_batches_after,
+        }
+    }
+
+    fn unbatched_since(&self) -> std::sync::MutexGuard<'_, Option<Instant>> {
+        self.unbatched_since
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
     async fn deliver(&self, batch: Vec<AccessLog>) -> Outcome {
-        if self.batched.load(Ordering::Relaxed) {
-            match self.deliver_batched(batch).await {
-                Ok(outcome) => return outcome,
-                Err((so_far, rest)) => {
-                    self.batched.store(false, Ordering::Relaxed);
+        let try_batches = match *self.unbatched_since() {
+            None => true,
+            Some(since) => since.elapsed() >= self.retry_batches_after,
+        };
+        if !try_batches {
+            return self.deliver_one_by_one(batch).await;
+        }
+        match self.deliver_batched(batch).await {
+            Ok(outcome) => {
+                if self.unbatched_since().take().is_some() {
+                    tracing::info!("management takes access logs in batches again");
+                }
+                outcome
+            }
+            Err((so_far, rest)) => {
+                if self.unbatched_since().replace(Instant::now()).is_none() {
                     tracing::info!(
                         "management does not take access logs in batches (a NetBird management?); sending one entry per call"
                     );
-                    let mut outcome = self.deliver_one_by_one(rest).await;
-                    outcome.add(so_far);
-                    return outcome;
                 }
+                let mut outcome = self.deliver_one_by_one(rest).await;
+                outcome.add(so_far);
+                outcome
             }
         }
-        self.deliver_one_by_one(batch).await
     }
 
     /// `Err` gives back what became of the chunks sent so far and the entries not yet sent,
@@ -475,6 +503,38 @@ mod tests {
             (1..=IN_FLIGHT as u64).contains(&tried),
             "{tried} batched calls"
         );
+    }
+
+    #[tokio::test]
+    async fn batches_are_tried_again_after_a_while() {
+        let entry = || AccessLog {
+            path: "0".into(),
+            timestamp: Some(prost_types::Timestamp::default()),
+            log_id: "0".repeat(16),
+            ..AccessLog::default()
+        };
+        let netbird = Arc::new(FakeManagement {
+            netbird: true,
+            ..FakeManagement::default()
+        });
+        let delivery = Delivery::new(netbird.clone(), Duration::from_secs(600));
+        assert_eq!(delivery.deliver(vec![entry()]).await.sent, 1);
+        assert_eq!(delivery.deliver(vec![entry()]).await.sent, 1);
+        assert_eq!(
+            netbird.batched_calls.load(Ordering::Relaxed),
+            1,
+            "not retried yet"
+        );
+        assert_eq!(netbird.single_calls.load(Ordering::Relaxed), 2);
+
+        // Management was replaced by ours: with no wait, the next batch finds that out.
+        let ours = Arc::new(FakeManagement::default());
+        let delivery = Delivery::new(ours.clone(), Duration::ZERO);
+        *delivery.unbatched_since() = Some(Instant::now());
+        assert_eq!(delivery.deliver(vec![entry(), entry()]).await.sent, 2);
+        assert_eq!(ours.batched_calls.load(Ordering::Relaxed), 1);
+        assert_eq!(ours.single_calls.load(Ordering::Relaxed), 0);
+        assert!(delivery.unbatched_since().is_none());
     }
 
     #[tokio::test]
