@@ -94,11 +94,10 @@ impl AccessLogQueue {
     }
 }
 
+/// 16 hex digits. An id, not a secret (management assigns its own row ids): a per-thread
+/// generator seeded once, where the system's made a `getrandom` call per request.
 fn new_log_id() -> String {
-    use ring::rand::SecureRandom;
-    let mut b = [0u8; 8];
-    let _ = ring::rand::SystemRandom::new().fill(&mut b);
-    b.iter().map(|x| format!("{x:02x}")).collect()
+    format!("{:016x}", fastrand::u64(..))
 }
 
 /// Where entries go: management, by batch where it can.
