@@ -33,7 +33,7 @@ pub struct ProxyServiceImpl {
     pub heartbeat: Duration,
     /// Single sign-on (`GetOIDCURL`).
     pub sso: std::sync::Arc<crate::oidc::sign_in::Sso>,
-    /// Stores `SendAccessLog` entries in batches.
+    /// Stores `SendAccessLog` and `SendAccessLogs` entries in batches.
     access_logs: access_log_writer::AccessLogWriter,
 }
 

@@ -1,9 +1,9 @@
-//! Access logs arrive as one `SendAccessLog` call per request from every proxy. Stored one by
-//! one, each would be a transaction of its own (on SQLite a WAL sync each) and a pool
-//! connection each, which capped how many requests per second management could log. The writer
-//! stores whatever has queued meanwhile in one statement and answers each call once its row is
-//! stored, so an OK still means stored. A batch that fails is stored again row by row, so a
-//! bad row (its account deleted meanwhile) fails only its own call.
+//! Access logs arrive from every proxy, one entry a `SendAccessLog` call or many a
+//! `SendAccessLogs` call. Stored one by one, each would be a transaction of its own (on SQLite
+//! a WAL sync each) and a pool connection each, which capped how many requests per second
+//! management could log. The writer stores whatever has queued meanwhile in one transaction and
+//! answers each row once it is stored, so an OK still means stored. A batch that fails is stored
+//! again row by row, so a bad row (its account deleted meanwhile) fails only its own entry.
 
 use tokio::sync::{mpsc, oneshot};
 

@@ -27,8 +27,7 @@ pub async fn send_access_log(
     log: Option<AccessLog>,
 ) -> Result<(), Status> {
     let log = log.ok_or_else(|| Status::invalid_argument("log is required"))?;
-    check_scope(token, &log.account_id)?;
-    check_service(svc, &log).await?;
+    check_entry(svc, token, &log).await?;
     svc.access_logs
         .write(row_of(log))
         .await
@@ -56,10 +55,7 @@ pub async fn send_access_logs(
         let allowed = match services.get(&key) {
             Some(known) => known.clone(),
             None => {
-                let verdict = match check_scope(token, &log.account_id) {
-                    Ok(()) => check_service(svc, &log).await,
-                    Err(e) => Err(e),
-                };
+                let verdict = check_entry(svc, token, &log).await;
                 services.insert(key, verdict.clone());
                 verdict
             }
@@ -112,7 +108,13 @@ impl ProxyAccessLogs for ProxyServiceImpl {
     }
 }
 
-async fn check_service(svc: &ProxyServiceImpl, log: &AccessLog) -> Result<(), Status> {
+/// The token may act on the entry's account, and the service is that account's.
+async fn check_entry(
+    svc: &ProxyServiceImpl,
+    token: &ProxyToken,
+    log: &AccessLog,
+) -> Result<(), Status> {
+    check_scope(token, &log.account_id)?;
     svc.store
         .service(&log.account_id, &log.service_id)
         .await

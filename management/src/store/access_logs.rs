@@ -185,12 +185,11 @@ impl Store {
     /// Inserts `rows` in one transaction (statements of at most [`MAX_ROWS_PER_INSERT`] rows): all
     /// or none.
     pub async fn insert_access_logs(&self, rows: &[&AccessLogRow]) -> Result<(), StoreError> {
-        if rows.len() <= 1 {
-            if let Some(row) = rows.first() {
-                self.insert_rows(self.pool(), std::slice::from_ref(row))
-                    .await?;
-            }
-            return Ok(());
+        match rows.len() {
+            0 => return Ok(()),
+            // One statement is its own transaction.
+            1 => return self.insert_rows(self.pool(), rows).await,
+            _ => {}
         }
         let mut tx = self.pool().begin().await?;
         let mut rest = rows;
